@@ -1,0 +1,104 @@
+"""The ``nodepass URL`` command: run one server, client or master like the NodePass binary.
+
+Exactly one argument, a URL.  With none, several, or one that does not
+parse, it writes ``Error: <message> [<pid>]`` to standard error, prints a
+usage box naming the three URL forms and the version, and exits with status 1.
+SIGINT/SIGTERM stop the service gracefully (within ``NP_SHUTDOWN_TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any, Sequence, TextIO
+
+from nodepass import __version__
+from nodepass.env import Settings
+from nodepass.log import Level, NodePassLogger, parse_level
+from nodepass.url import USAGE_FORMS, URLError, parse_url
+
+__all__ = ["main", "usage_box"]
+
+
+def usage_box() -> str:
+    """The usage box: version, platform and the three URL forms."""
+    lines_top = [f"nodepass-{__version__}", f"{sys.platform}/{platform.machine().lower() or 'unknown'}"]
+    width = max(len(s) for s in (*lines_top, *USAGE_FORMS)) + 2
+    out = ["", "╭" + "─" * width + "╮"]
+    out += [f"│{s.rjust(width - 1)} │" for s in lines_top]
+    out.append("├" + "─" * width + "┤")
+    out += [f"│ {s.ljust(width - 1)}│" for s in USAGE_FORMS]
+    out.append("╰" + "─" * width + "╯")
+    out.append("")
+    return "\n".join(out) + "\n"
+
+
+def fail(message: str, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Print the error and the usage box; return the exit status 1."""
+    (stderr or sys.stderr).write(f"Error: {message} [{os.getpid()}]\n")
+    (stdout or sys.stdout).write(usage_box())
+    return 1
+
+
+def _announce_level(logger: NodePassLogger, level_text: str) -> None:
+    level = parse_level(level_text)
+    if level not in (Level.INFO, Level.NONE):
+        logger.log(level, "Init log level: %s", level.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the URL given on the command line; return the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        return fail("expected exactly one URL argument" if args else "empty URL command")
+    try:
+        config = parse_url(args[0])
+    except URLError as exc:
+        return fail(f"invalid URL: {exc}")
+
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    settings = Settings.from_environ()
+    logger = NodePassLogger(config.log or "info")
+    _announce_level(logger, config.log or "info")
+    for warning in settings.warnings:
+        logger.warn("%s", warning)
+
+    from nodepass.service import build_service
+
+    try:
+        service = build_service(config, reactor=reactor, logger=logger, settings=settings)
+    except Exception as exc:  # a start-up error the URL grammar could not catch
+        return fail(str(exc))
+
+    status = {"code": 0}
+
+    def start() -> None:
+        try:
+            service.startService()
+        except Exception as exc:
+            logger.error("Start failed: %s", exc)
+            status["code"] = 1
+            reactor.stop()
+
+    def stop() -> Any:
+        if not service.running:
+            return None
+        from twisted.internet.defer import maybeDeferred
+
+        d = maybeDeferred(service.stopService)
+        d.addTimeout(settings.shutdown_timeout, reactor)
+        d.addErrback(lambda f: logger.error("Shutdown incomplete: %s", f.getErrorMessage()))
+        return d
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
+    return status["code"]
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Interactive API documentation (Swagger UI) for ``<base>/docs``.
+
+:func:`docs_resource` returns a Twisted web resource that answers its own
+path with the Swagger UI page and its children ``swagger-ui.css``,
+``swagger-ui-bundle.js``, ``swagger-ui-standalone-preset.js`` and the
+favicons with the files of the installed ``swagger-ui-py`` distribution, so
+the page works without internet access.  The page loads the API description
+from ``<base>/openapi.json`` and never contacts another host (the online
+spec validator badge is switched off).
+
+Mount it so that requests below ``<base>/docs/`` reach it, e.g. a Klein route
+``@app.route(base + "/docs", branch=True)`` returning the resource.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+from pathlib import Path
+from typing import Optional
+
+from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.server import Request
+from twisted.web.static import File
+
+__all__ = ["ASSETS", "SwaggerUIMissing", "docs_resource", "render_page", "swagger_ui_directory"]
+
+#: Files served below ``<base>/docs/`` and their content types.
+ASSETS: dict[str, str] = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui-standalone-preset.js": "text/javascript; charset=utf-8",
+    "favicon-16x16.png": "image/png",
+    "favicon-32x32.png": "image/png",
+}
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>NodePass API</title>
+  <link rel="icon" type="image/png" href="{docs}/favicon-32x32.png" sizes="32x32">
+  <link rel="icon" type="image/png" href="{docs}/favicon-16x16.png" sizes="16x16">
+  <link rel="stylesheet" href="{docs}/swagger-ui.css">
+  <style>body {{ margin: 0; background: #fafafa; }}</style>
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{docs}/swagger-ui-bundle.js"></script>
+  <script src="{docs}/swagger-ui-standalone-preset.js"></script>
+  <script>
+    window.onload = function () {{
+      window.ui = SwaggerUIBundle({{
+        url: {spec_url},
+        dom_id: "#swagger-ui",
+        deepLinking: true,
+        validatorUrl: null,
+        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+        plugins: [SwaggerUIBundle.plugins.DownloadUrl],
+        layout: "StandaloneLayout"
+      }});
+    }};
+  </script>
+</body>
+</html>
+"""
+
+
+class SwaggerUIMissing(RuntimeError):
+    """The Swagger UI files (package ``swagger-ui-py``) are not installed."""
+
+
+def swagger_ui_directory() -> Path:
+    """Folder holding the Swagger UI files; raises :class:`SwaggerUIMissing` if absent."""
+    spec = importlib.util.find_spec("swagger_ui")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        folder = Path(location) / "static"
+        if all((folder / name).is_file() for name in ASSETS):
+            return folder
+    raise SwaggerUIMissing(
+        "Swagger UI files not found: install the swagger-ui-py package "
+        "(pip install swagger-ui-py) to serve the API documentation page"
+    )
+
+
+def render_page(base: str) -> bytes:
+    """The HTML of the documentation page for route base ``base`` (e.g. ``/api/v1``)."""
+    docs = html.escape(f"{base}/docs", quote=True)
+    # json.dumps makes a valid JS string; "<" is escaped so "</script>" cannot occur.
+    spec_url = json.dumps(f"{base}/openapi.json").replace("<", "\\u003c")
+    return _PAGE.format(docs=docs, spec_url=spec_url).encode("utf-8")
+
+
+class _Asset(File):
+    """One Swagger UI file, sent with a fixed content type and cache header."""
+
+    def __init__(self, path: Path, content_type: str) -> None:
+        super().__init__(str(path), defaultType=content_type)
+        self.type = content_type
+        self.encoding = None
+
+    def render_GET(self, request: Request) -> bytes | int:  # type: ignore[override]
+        request.setHeader(b"Cache-Control", b"public, max-age=86400")
+        return super().render_GET(request)  # type: ignore[no-any-return]
+
+    def directoryListing(self) -> Resource:
+        return NoResource()
+
+
+class _DocsPage(Resource):
+    """The documentation page; its children are the Swagger UI files."""
+
+    def __init__(self, base: str, folder: Optional[Path]) -> None:
+        super().__init__()
+        self._page = render_page(base)
+        self._missing: Optional[str] = None
+        if folder is None:
+            self._missing = str(SwaggerUIMissing.__doc__)
+        else:
+            for name, content_type in ASSETS.items():
+                self.putChild(name.encode("ascii"), _Asset(folder / name, content_type))
+
+    def getChild(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
+        if path == b"":
+            return self
+        return NoResource()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return self._page
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+def docs_resource(base: str) -> IResource:
+    """The Swagger UI resource for route base ``base`` (e.g. ``/api/v1``).
+
+    Its own path serves the page, whose API description URL is
+    ``<base>/openapi.json`` and whose assets are ``<base>/docs/<file>``.
+    When the Swagger UI files are not installed the page is still served
+    (it then only shows a blank area) and the assets answer 404.
+    """
+    try:
+        folder: Optional[Path] = swagger_ui_directory()
+    except SwaggerUIMissing:
+        folder = None
+    return _DocsPage(base, folder)

@@ -1,0 +1,326 @@
+"""TLS set-up for pool connections (and the master API), as NodePass does it.
+
+Server side (:func:`server_tls`):
+
+* code 0: no TLS (WARN ``TLS code-0: unencrypted``), unless the pool type
+  needs TLS (1 QUIC, 3 HTTP/2), which forces code 1;
+* code 1: an in-memory self-signed certificate (ECDSA P-256, random 128-bit
+  serial, Subject O = the version string, no CN or SAN, valid for one year,
+  server-auth EKU), generated once per process, TLS 1.3 minimum;
+* code 2: certificate and key from PEM files, re-read during a TLS handshake
+  once ``reload_interval`` has passed since the last load.  If the first load
+  fails: ERROR ``Certificate load failed: ...`` then WARN
+  ``TLS code-1: RAM cert with TLS 1.3`` and code 1 is used.
+
+Client side (:func:`client_connection_creator`): code 1 encrypts without
+verification and sends no SNI; code 2 verifies the chain and the name
+(``sni``) against the platform trust store, or against the PEM bundle named by
+the ``SSL_CERT_FILE`` environment variable when it is set.
+
+Fingerprints (:func:`fingerprint`) are ``sha256:`` + the upper-case hex byte
+pairs of SHA-256 over the certificate DER, joined by ``:``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import secrets
+from typing import Any, Callable, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from nodepass.log import NodePassLogger
+
+__all__ = [
+    "VERSION",
+    "ServerTLS",
+    "server_tls",
+    "self_signed_pem",
+    "fingerprint",
+    "fingerprint_of_x509",
+    "client_connection_creator",
+    "TLSLoadError",
+]
+
+VERSION = "v1.14.0"
+
+
+class TLSLoadError(Exception):
+    """A certificate or key file could not be loaded."""
+
+
+def fingerprint(der: bytes) -> str:
+    """``sha256:AA:BB:...`` of a DER certificate."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return "sha256:" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def fingerprint_of_x509(cert: Any) -> str:
+    """Fingerprint of a pyOpenSSL X509 (or twisted Certificate) object."""
+    if hasattr(cert, "original"):
+        cert = cert.original
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    return fingerprint(der)
+
+
+_RAM_CERT: Optional[tuple[bytes, bytes]] = None
+
+
+def self_signed_pem(version: str = VERSION) -> tuple[bytes, bytes]:
+    """The process-wide in-memory certificate: (cert PEM, key PEM)."""
+    global _RAM_CERT
+    if _RAM_CERT is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, version)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1 or 1)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=True,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        _RAM_CERT = (
+            cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    return _RAM_CERT
+
+
+def _load_pair(crt_file: str, key_file: str) -> tuple[Any, Any, bytes]:
+    """Load (X509, PKey, leaf DER) from PEM files; raises TLSLoadError."""
+    try:
+        with open(crt_file, "rb") as f:
+            crt_pem = f.read()
+        with open(key_file, "rb") as f:
+            key_pem = f.read()
+    except OSError as exc:
+        raise TLSLoadError(f"open {exc.filename}: {exc.strerror}") from None
+    return _load_pem(crt_pem, key_pem)
+
+
+def _load_pem(crt_pem: bytes, key_pem: bytes) -> tuple[Any, Any, bytes]:
+    try:
+        cert = crypto.load_certificate(crypto.FILETYPE_PEM, crt_pem)
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except crypto.Error as exc:
+        raise TLSLoadError(f"tls: failed to parse certificate or key PEM data: {exc}") from None
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    # Chain certificates after the leaf, if any.
+    chain = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    parts = crt_pem.split(marker)[2:]
+    for part in parts:
+        try:
+            chain.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + part))
+        except crypto.Error:
+            pass
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        ctx.use_certificate(cert)
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise TLSLoadError(f"tls: private key does not match public key: {exc}") from None
+    return (cert, key, der) if not chain else ((cert, chain), key, der)
+
+
+def _server_context(cert: Any, key: Any) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    chain: list[Any] = []
+    if isinstance(cert, tuple):
+        cert, chain = cert
+    ctx.use_certificate(cert)
+    for extra in chain:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Server TLS state: effective code, current certificate, fingerprint.
+
+    ``fingerprint`` is the SHA-256 fingerprint of the certificate the server
+    presents right now.  For code 2 the files are re-read when a handshake
+    starts and ``reload_interval`` seconds have passed since the last load.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        cert: Any,
+        key: Any,
+        der: bytes,
+        *,
+        crt_file: str = "",
+        key_file: str = "",
+        reload_interval: float = 3600.0,
+        clock: Callable[[], float] | None = None,
+        logger: NodePassLogger | None = None,
+    ) -> None:
+        import time
+
+        self.code = code
+        self._clock = clock or time.monotonic
+        self._crt_file = crt_file
+        self._key_file = key_file
+        self._reload_interval = reload_interval
+        self._logger = logger
+        self._last_load = self._clock()
+        self._set(cert, key, der)
+
+    def _set(self, cert: Any, key: Any, der: bytes) -> None:
+        self._context = _server_context(cert, key)
+        self.der = der
+        self.fingerprint = fingerprint(der)
+
+    def _maybe_reload(self) -> None:
+        if self.code != 2 or not self._crt_file:
+            return
+        now = self._clock()
+        if now - self._last_load < self._reload_interval:
+            return
+        self._last_load = now
+        try:
+            cert, key, der = _load_pair(self._crt_file, self._key_file)
+        except TLSLoadError as exc:
+            if self._logger is not None:
+                self._logger.error("Certificate reload failed: %s", exc)
+            return
+        self._set(cert, key, der)
+        if self._logger is not None:
+            self._logger.debug("TLS cert reloaded: %s", self._crt_file)
+
+    def context(self) -> SSL.Context:
+        """The SSL context for a new server connection (reloading first if due)."""
+        self._maybe_reload()
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self.context(), None)
+        conn.set_accept_state()
+        return conn
+
+
+def server_tls(
+    code: int,
+    crt_file: str,
+    key_file: str,
+    *,
+    pool_type: int = 0,
+    logger: NodePassLogger,
+    reload_interval: float = 3600.0,
+    version: str = VERSION,
+) -> Optional[ServerTLS]:
+    """Pick the server TLS set-up for ``tls=code`` and log it like NodePass.
+
+    Returns None for code 0 (plain TCP).
+    """
+
+    def ram(message: str, warn: bool = False) -> ServerTLS:
+        crt_pem, key_pem = self_signed_pem(version)
+        cert, key, der = _load_pem(crt_pem, key_pem)
+        (logger.warn if warn else logger.info)(message)
+        return ServerTLS(1, cert, key, der, logger=logger)
+
+    if code == 1:
+        return ram("TLS code-1: RAM cert with TLS 1.3")
+    if code == 2:
+        try:
+            cert, key, der = _load_pair(crt_file, key_file)
+        except TLSLoadError as exc:
+            logger.error("Certificate load failed: %s", exc)
+            return ram("TLS code-1: RAM cert with TLS 1.3", warn=True)
+        leaf = cert[0] if isinstance(cert, tuple) else cert
+        # Go prints the common name of the parsed leaf (possibly empty).
+        logger.info("TLS code-2: %s with TLS 1.3", leaf.get_subject().CN or "")
+        return ServerTLS(
+            2, cert, key, der, crt_file=crt_file, key_file=key_file,
+            reload_interval=reload_interval, logger=logger,
+        )
+    if pool_type in (1, 3):
+        return ram("TLS code-1: RAM cert with TLS 1.3 for stream pool")
+    logger.warn("TLS code-0: unencrypted")
+    return None
+
+
+def _trust_root() -> Any:
+    bundle = os.environ.get("SSL_CERT_FILE", "")
+    if bundle:
+        with open(bundle, "rb") as f:
+            data = f.read()
+        marker = b"-----BEGIN CERTIFICATE-----"
+        certs = [
+            tssl.Certificate.loadPEM(marker + part)
+            for part in data.split(marker)[1:]
+        ]
+        if certs:
+            return tssl.trustRootFromCertificates(certs)
+    return tssl.platformTrust()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _NoVerifyClient:
+    """TLS 1.3 client without certificate verification and without SNI."""
+
+    def __init__(self) -> None:
+        self._ctx = SSL.Context(SSL.TLS_METHOD)
+        self._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        self._ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_connect_state()
+        return conn
+
+
+_CLIENT_CACHE: dict[tuple[int, str], Any] = {}
+
+
+def client_connection_creator(code: int, server_name: str) -> Any:
+    """The client TLS connection creator for pool code 1 or 2 (None for 0)."""
+    if code not in (1, 2):
+        return None
+    key = (code, server_name if code == 2 else "", os.environ.get("SSL_CERT_FILE", ""))
+    cached = _CLIENT_CACHE.get(key)  # type: ignore[arg-type]
+    if cached is not None:
+        return cached
+    if code == 1:
+        creator: Any = _NoVerifyClient()
+    else:
+        creator = tssl.optionsForClientTLS(
+            server_name,
+            trustRoot=_trust_root(),
+            extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_3},
+        )
+    _CLIENT_CACHE[key] = creator  # type: ignore[index]
+    return creator

@@ -1,0 +1,393 @@
+"""Joining two TCP connections into one byte pipe ("data exchange").
+
+Every TCP connection that may take part in an exchange is driven by a
+:class:`RelayProtocol` (or a subclass, such as a pool connection).  Until it
+is joined, bytes that arrive are buffered (and reading is paused once the
+buffer holds ``buffer_limit`` bytes); :meth:`RelayProtocol.peek` lets the
+ingress side look at the first bytes (protocol blocking) without consuming
+them.
+
+:func:`join` then connects two such protocols:
+
+* each side's bytes are written to the other side, with no per-byte work;
+* each transport is registered as the *producer* of the other one, so a slow
+  reader pauses the fast writer in both directions (back-pressure);
+* ``TCP_NODELAY`` is set on both sockets;
+* bytes read from / written to the ``counted`` side are added to
+  ``stats.tcprx`` / ``stats.tcptx`` (the user connection on the ingress side,
+  the target connection on the egress side; pool connections never count);
+* when a :class:`Throttle` is given, every chunk read from or written to the
+  counted side is charged with ``throttle.consume(n, producer)``, where the
+  producer is the reading side, so the rate limit pauses reading;
+* ``read_timeout`` > 0 closes the exchange once both directions have been
+  idle for that long (Go: each direction stops after that idle time, and the
+  exchange ends when both have stopped);
+* when one side ends (EOF or error) the other side is closed after its
+  pending writes are flushed (``half_close=True`` instead forwards a FIN to a
+  plain TCP peer and lets the other direction continue).
+
+The returned Deferred fires with a short reason text ("EOF", or the error that
+ended the exchange) once both connections are closed; callers log it as
+``Exchange complete: <reason>``.
+
+A third use is the control channel: :meth:`RelayProtocol.set_sink` routes the
+incoming bytes to any callable instead of a peer connection.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nodepass.stats import TunnelStats
+
+__all__ = ["RelayProtocol", "join", "set_nodelay", "ThrottleLike"]
+
+DEFAULT_BUFFER_LIMIT = 256 * 1024
+
+
+class ThrottleLike(TypingProtocol):
+    """What the relay needs from a rate limiter (see nodepass.datapath.ratelimit)."""
+
+    def consume(self, nbytes: int, producer: IPushProducer) -> None: ...
+
+
+def set_nodelay(transport: Any) -> None:
+    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort."""
+    seen = 0
+    while transport is not None and seen < 4:
+        fn = getattr(transport, "setTcpNoDelay", None)
+        if fn is not None:
+            try:
+                fn(True)
+            except Exception:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
+
+
+def _reason_text(reason: Optional[Failure]) -> str:
+    if reason is None or reason.check(ConnectionDone):
+        return "EOF"
+    value = reason.value
+    text = str(value).strip()
+    return text or type(value).__name__
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """Pauses a transport's reading for any of several independent reasons.
+
+    The consumer (back-pressure), the throttle and the pre-join buffer each
+    hold their own flag; the transport reads again only when no flag is set.
+    """
+
+    def __init__(self, owner: "RelayProtocol", reason: str) -> None:
+        self._owner = owner
+        self._reason = reason
+
+    def pauseProducing(self) -> None:
+        self._owner._pause(self._reason)
+
+    def resumeProducing(self) -> None:
+        self._owner._resume(self._reason)
+
+    def stopProducing(self) -> None:
+        self._owner._resume(self._reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """A TCP connection that can be peeked at, then joined to another one.
+
+    Attributes after the connection ends: ``lost`` is True and ``lost_reason``
+    holds the reason text.  ``when_lost()`` gives a Deferred fired then.
+    """
+
+    buffer_limit: int = DEFAULT_BUFFER_LIMIT
+
+    def __init__(self) -> None:
+        self.transport: Optional[ITransport] = None  # type: ignore[assignment]
+        self.lost: bool = False
+        self.lost_reason: str = ""
+        self._buf: list[bytes] = []
+        self._buf_len = 0
+        self._sink: Optional[Callable[[bytes], None]] = None
+        self._on_eof: Optional[Callable[[], None]] = None
+        self._lost_waiters: list[defer.Deferred[str]] = []
+        self._peekers: list[tuple[int, defer.Deferred[bytes], Any]] = []
+        self._pause_reasons: set[str] = set()
+        self._read_eof = False
+        self.consumer_gate = _Gate(self, "consumer")
+        self.throttle_gate = _Gate(self, "throttle")
+
+    # -- reading control -------------------------------------------------
+    def _pause(self, reason: str) -> None:
+        was = bool(self._pause_reasons)
+        self._pause_reasons.add(reason)
+        if not was and not self.lost and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and not self.lost and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # -- Protocol ----------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(data)
+            return
+        self._buf.append(data)
+        self._buf_len += len(data)
+        if self._buf_len >= self.buffer_limit:
+            self._pause("buffer")
+        self._check_peekers()
+
+    def readConnectionLost(self) -> None:
+        """The peer sent FIN (only called for half-closeable transports)."""
+        self._read_eof = True
+        if self._on_eof is not None:
+            cb, self._on_eof = self._on_eof, None
+            cb()
+        else:
+            # Not joined in half-close mode: treat as a full close.
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self._read_eof and self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self.lost_reason = _reason_text(reason)
+        for _n, d, call in self._peekers:
+            if call is not None and call.active():
+                call.cancel()
+            d.callback(b"".join(self._buf))
+        self._peekers = []
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(self.lost_reason)
+
+    # -- API -----------------------------------------------------------------
+    def when_lost(self) -> "defer.Deferred[str]":
+        """A Deferred fired with the reason text when this connection ends."""
+        if self.lost:
+            return defer.succeed(self.lost_reason)
+        d: defer.Deferred[str] = defer.Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    def buffered(self) -> bytes:
+        """Bytes received but not yet delivered to a sink (not consumed)."""
+        return b"".join(self._buf)
+
+    def peek(self, nbytes: int, timeout: float, reactor: IReactorTime) -> "defer.Deferred[bytes]":
+        """Wait until ``nbytes`` are buffered, the connection ends, or ``timeout``
+        seconds pass; fire with the buffered bytes (possibly fewer or empty).
+        Nothing is consumed: the bytes are delivered later as usual."""
+        if self._buf_len >= nbytes or self.lost or self._sink is not None:
+            return defer.succeed(b"".join(self._buf))
+        d: defer.Deferred[bytes] = defer.Deferred()
+
+        def expire() -> None:
+            for i, item in enumerate(self._peekers):
+                if item[1] is d:
+                    del self._peekers[i]
+                    break
+            d.callback(b"".join(self._buf))
+
+        call = reactor.callLater(timeout, expire) if timeout > 0 else None
+        self._peekers.append((nbytes, d, call))
+        return d
+
+    def _check_peekers(self) -> None:
+        if not self._peekers:
+            return
+        keep = []
+        for n, d, call in self._peekers:
+            if self._buf_len >= n:
+                if call is not None and call.active():
+                    call.cancel()
+                d.callback(b"".join(self._buf))
+            else:
+                keep.append((n, d, call))
+        self._peekers = keep
+
+    def set_sink(self, sink: Optional[Callable[[bytes], None]]) -> None:
+        """Deliver incoming bytes to ``sink`` (buffered bytes first); None buffers again."""
+        self._sink = sink
+        if sink is None:
+            return
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf = []
+            self._buf_len = 0
+            sink(data)
+        self._resume("buffer")
+
+    def close(self) -> None:
+        """Close after flushing pending writes."""
+        if not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Close at once, dropping pending writes."""
+        if not self.lost and self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                self.transport.loseConnection()
+
+
+def _write_eof(side: RelayProtocol) -> bool:
+    """Send FIN on a plain TCP transport; False when the transport cannot half-close."""
+    t = side.transport
+    fn = getattr(t, "loseWriteConnection", None)
+    if fn is None or "TLS" in type(t).__name__:
+        return False
+    try:
+        fn()
+    except Exception:
+        return False
+    return True
+
+
+def join(
+    a: RelayProtocol,
+    b: RelayProtocol,
+    *,
+    reactor: IReactorTime,
+    stats: Optional[TunnelStats] = None,
+    counted: Optional[RelayProtocol] = None,
+    throttle: Optional[ThrottleLike] = None,
+    read_timeout: float = 0.0,
+    half_close: bool = False,
+) -> "defer.Deferred[str]":
+    """Pipe ``a`` and ``b`` together until both are closed.
+
+    :param counted: the side (``a`` or ``b``) whose bytes count as tcprx (read
+        from it) and tcptx (written to it), and which the throttle charges;
+        None counts nothing.
+    :param throttle: rate limiter; ``consume(n, gate)`` pauses the reading side.
+    :param read_timeout: idle seconds per direction before the exchange is
+        closed; 0 disables it.
+    :param half_close: forward a FIN as a FIN on plain TCP transports and keep
+        the other direction going (single-end style); otherwise an end on one
+        side closes the other after its pending writes.
+    :returns: Deferred fired with the reason text ("EOF" or the first error).
+    """
+    assert counted is None or counted is a or counted is b
+    done: defer.Deferred[str] = defer.Deferred()
+    first_reason: list[str] = []
+    last_read = {id(a): time.monotonic(), id(b): time.monotonic()}
+    timer: list[Any] = [None]
+    finished = [False]
+
+    def close_both() -> None:
+        a.close()
+        b.close()
+
+    def make_sink(src: RelayProtocol, dst: RelayProtocol) -> Callable[[bytes], None]:
+        dst_transport = dst.transport
+        count_rx = stats is not None and src is counted
+        count_tx = stats is not None and dst is counted
+        charge = throttle is not None and (src is counted or dst is counted)
+        gate = src.throttle_gate
+        key = id(src)
+        track = read_timeout > 0
+
+        def sink(data: bytes) -> None:
+            n = len(data)
+            if track:
+                last_read[key] = time.monotonic()
+            if count_rx:
+                stats.tcprx += n  # type: ignore[union-attr]
+            if not dst.lost and dst_transport is not None:
+                dst_transport.write(data)
+                if count_tx:
+                    stats.tcptx += n  # type: ignore[union-attr]
+            if charge:
+                throttle.consume(n, gate)  # type: ignore[union-attr]
+
+        return sink
+
+    def on_lost(side: RelayProtocol, other: RelayProtocol) -> Callable[[str], None]:
+        def lost(reason: str) -> None:
+            if not first_reason or (first_reason[0] == "EOF" and reason != "EOF"):
+                first_reason[:] = [reason]
+            other.close()
+            if a.lost and b.lost and not finished[0]:
+                finished[0] = True
+                if timer[0] is not None and timer[0].active():
+                    timer[0].cancel()
+                done.callback(first_reason[0] if first_reason else "EOF")
+
+        return lost
+
+    # Back-pressure: each transport pauses the other side's reading.
+    for side, other in ((a, b), (b, a)):
+        set_nodelay(side.transport)
+        if not side.lost and not other.lost and side.transport is not None:
+            try:
+                side.transport.registerProducer(other.consumer_gate, True)  # type: ignore[attr-defined]
+            except RuntimeError:
+                pass
+
+    if half_close:
+
+        def make_eof(src: RelayProtocol, dst: RelayProtocol) -> Callable[[], None]:
+            def eof() -> None:
+                if not _write_eof(dst):
+                    close_both()
+
+            return eof
+
+        a._on_eof = make_eof(a, b)
+        b._on_eof = make_eof(b, a)
+
+    a.when_lost().addCallback(on_lost(a, b))
+    b.when_lost().addCallback(on_lost(b, a))
+    if not a.lost:
+        a.set_sink(make_sink(a, b))
+    if not b.lost:
+        b.set_sink(make_sink(b, a))
+
+    if read_timeout > 0 and not finished[0]:
+
+        def check() -> None:
+            timer[0] = None
+            if finished[0]:
+                return
+            now = time.monotonic()
+            # The exchange ends once both directions have been idle that long.
+            idle = now - max(last_read[id(a)], last_read[id(b)])
+            if idle >= read_timeout:
+                if not first_reason:
+                    first_reason.append("read timeout")
+                close_both()
+                return
+            timer[0] = reactor.callLater(read_timeout - idle, check)
+
+        timer[0] = reactor.callLater(read_timeout, check)
+
+    return done

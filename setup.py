@@ -1,0 +1,48 @@
+"""nodepass: a universal TCP/UDP tunnel with a connection pool, TLS and a management API."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "nodepass" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="nodepass",
+    version=VERSION,
+    description="Universal TCP/UDP tunnel with a connection pool, TLS and a REST + SSE management API",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nodepass", "nodepass.*"]) + ["twisted.plugins"],
+    package_data={
+        "nodepass": ["py.typed"],
+        "nodepass.master": ["*.json", "static/*"],
+        "twisted": ["plugins/nodepass_plugin.py"],
+    },
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "pyOpenSSL>=24.0",
+        "service-identity>=24.1",
+        "cryptography>=42",
+        "zope.interface>=6.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": [
+            "hypothesis>=6.100",
+        ],
+        "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["nodepass = nodepass.cli:entry"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: Proxy Servers",
+        "Topic :: System :: Networking",
+    ],
+)

@@ -1,0 +1,340 @@
+"""UDP sessions over pool connections (nodepass.tunnel.udp).
+
+The unit tests run real UDP sockets on 127.0.0.1 and use a real TCP
+connection as the pool connection between the ingress and egress halves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer, reactor as _reactor, task
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.trial import unittest
+
+from nodepass.env import Settings
+from nodepass.log import NodePassLogger, LogRecord
+from nodepass.stats import TunnelStats
+from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.udp import IdleTimer, PauseGate, UdpEgress, UdpIngress, peer_key
+
+reactor: Any = _reactor
+
+
+class FakePolicy:
+    """Slot counting and a fixed UDP target, like DataPolicy with slot=limit."""
+
+    def __init__(self, stats: TunnelStats, target: tuple[str, int], limit: int = 100) -> None:
+        self.stats = stats
+        self.target = target
+        self.limit = limit
+        self.throttle: Any = None
+        self.bind_ip = ""
+        self.admitted: list[str] = []
+        self.released = 0
+
+    def admit(self, kind: str, peer: str) -> bool:
+        assert kind == "udp"
+        if self.stats.udps >= self.limit:
+            return False
+        self.stats.udps += 1
+        self.admitted.append(peer)
+        return True
+
+    def release(self, kind: str) -> None:
+        assert kind == "udp"
+        self.stats.udps -= 1
+        self.released += 1
+
+    def udp_target(self) -> "defer.Deferred[tuple[str, int]]":
+        return defer.succeed(self.target)
+
+
+class Echo(DatagramProtocol):
+    """UDP echo target; remembers what it got."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.got.append(datagram)
+        assert self.transport is not None
+        self.transport.write(datagram, addr)  # type: ignore[call-arg]
+
+
+class User(DatagramProtocol):
+    """A UDP client that collects replies."""
+
+    def __init__(self) -> None:
+        self.replies: list[bytes] = []
+        self.waiting: list[defer.Deferred[bytes]] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.replies.append(datagram)
+        if self.waiting:
+            self.waiting.pop(0).callback(datagram)
+
+    def ask(self, data: bytes, port: int) -> "defer.Deferred[bytes]":
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.waiting.append(d)
+        assert self.transport is not None
+        self.transport.write(data, ("127.0.0.1", port))  # type: ignore[call-arg]
+        return d.addTimeout(5, reactor)
+
+
+@defer.inlineCallbacks
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> Any:
+    """Poll *cond* every 20 ms; fail after *timeout* seconds."""
+    waited = 0.0
+    while not cond():
+        if waited > timeout:
+            raise AssertionError("condition not reached")
+        yield task.deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+class PoolPair:
+    """A real TCP connection whose two ends are RelayProtocols (a stand-in pool connection)."""
+
+    def __init__(self) -> None:
+        self.accepted: list[RelayProtocol] = []
+        self.port: Any = None
+
+    @defer.inlineCallbacks
+    def make(self) -> Any:
+        if self.port is None:
+            factory = Factory.forProtocol(RelayProtocol)
+            orig = factory.buildProtocol
+
+            def build(addr: Any) -> Any:
+                p = orig(addr)
+                self.accepted.append(p)
+                return p
+
+            factory.buildProtocol = build  # type: ignore[method-assign]
+            self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        client = RelayProtocol()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
+        )
+        yield wait_for(lambda: len(self.accepted) > 0 and self.accepted[-1].transport is not None)
+        return client, self.accepted[-1]
+
+
+class UdpTunnelTests(unittest.TestCase):
+    """Ingress and egress joined by real TCP 'pool connections'."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.records: list[LogRecord] = []
+        self.logger = NodePassLogger("debug", stream=None)
+        self.logger.add_observer(self.records.append)
+        self.settings = Settings(udp_read_timeout=30.0)
+        self.echo = Echo()
+        self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1", maxPacketSize=65536)
+        self.target = ("127.0.0.1", self.echo_port.getHost().port)
+        self.in_stats = TunnelStats()
+        self.out_stats = TunnelStats()
+        self.in_policy = FakePolicy(self.in_stats, self.target)
+        self.out_policy = FakePolicy(self.out_stats, self.target)
+        self.pairs = PoolPair()
+        self.signals: list[tuple[str, str]] = []
+        self.links: list[tuple[RelayProtocol, RelayProtocol]] = []
+        self.acquire_fail = False
+        self.egress_done: list[defer.Deferred[None]] = []
+        self.egress = UdpEgress(
+            reactor=reactor,
+            logger=self.logger,
+            settings=self.settings,
+            stats=self.out_stats,
+            policy=self.out_policy,
+        )
+        self.ingress = self.make_ingress(self.settings)
+        self.user = User()
+        self.user_port = reactor.listenUDP(0, self.user, interface="127.0.0.1", maxPacketSize=65536)
+        yield None
+
+    def make_ingress(self, settings: Settings) -> UdpIngress:
+        ingress = UdpIngress(
+            reactor=reactor,
+            logger=self.logger,
+            settings=settings,
+            stats=self.in_stats,
+            policy=self.in_policy,
+            listen=("127.0.0.1", 0),
+            acquire=self.acquire,
+            send_signal=self.signal,
+        )
+        ingress.start()
+        return ingress
+
+    @defer.inlineCallbacks
+    def acquire(self) -> Any:
+        if self.acquire_fail:
+            raise TimeoutError("no idle pool connection")
+        near, far = yield self.pairs.make()
+        self.links.append((near, far))
+        return (f"{len(self.links):08x}", near)
+
+    def signal(self, remote: str, conn_id: str) -> None:
+        self.signals.append((remote, conn_id))
+        far = self.links[int(conn_id, 16) - 1][1]
+        self.egress_done.append(self.egress.open(remote, far))
+
+    @defer.inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.ingress.stop()
+        yield self.egress.stop()
+        for near, far in self.links:
+            near.abort()
+            far.abort()
+        yield wait_for(lambda: all(n.lost and f.lost for n, f in self.links))
+        yield self.user_port.stopListening()
+        yield self.echo_port.stopListening()
+        if self.pairs.port is not None:
+            yield self.pairs.port.stopListening()
+
+    @defer.inlineCallbacks
+    def test_echo_round_trips_and_counters(self) -> Any:
+        """Datagrams cross the tunnel both ways; one session, one signal, exact counters."""
+        sent = 0
+        for i in range(5):
+            data = b"ping-%d-" % i + b"x" * (100 * i)
+            reply = yield self.user.ask(data, self.ingress.port)
+            self.assertEqual(reply, data)
+            sent += len(data)
+        user_addr = peer_key("127.0.0.1", self.user_port.getHost().port)
+        self.assertEqual(self.signals, [(user_addr, "00000001")])
+        self.assertEqual(self.in_stats.udprx, sent)
+        self.assertEqual(self.in_stats.udptx, sent)
+        self.assertEqual(self.out_stats.udptx, sent)
+        self.assertEqual(self.out_stats.udprx, sent)
+        self.assertEqual(self.in_stats.udps, 1)
+        self.assertEqual(self.out_stats.udps, 1)
+        self.assertEqual(self.ingress.sessions, 1)
+        self.assertEqual(self.egress.sessions, 1)
+        self.assertEqual(self.in_stats.tcprx + self.in_stats.tcptx, 0)
+
+    @defer.inlineCallbacks
+    def test_large_datagram(self) -> Any:
+        """A datagram larger than Twisted's default 8 KiB read arrives whole."""
+        data = bytes(range(256)) * 48  # 12288 bytes
+        reply = yield self.user.ask(data, self.ingress.port)
+        self.assertEqual(reply, data)
+
+    @defer.inlineCallbacks
+    def test_idle_session_ends_and_frees_slot(self) -> Any:
+        """With no reply traffic for udp_read_timeout both halves end and free their slots."""
+        yield self.ingress.stop()
+        settings = Settings(udp_read_timeout=0.3)
+        self.egress = UdpEgress(
+            reactor=reactor,
+            logger=self.logger,
+            settings=settings,
+            stats=self.out_stats,
+            policy=self.out_policy,
+        )
+        self.ingress = self.make_ingress(settings)
+        reply = yield self.user.ask(b"hello", self.ingress.port)
+        self.assertEqual(reply, b"hello")
+        yield wait_for(lambda: self.ingress.sessions == 0 and self.egress.sessions == 0)
+        yield defer.gatherResults(self.egress_done)
+        self.assertEqual((self.in_stats.udps, self.out_stats.udps), (0, 0))
+        self.assertEqual((self.in_policy.released, self.out_policy.released), (1, 1))
+        yield wait_for(lambda: self.links[0][0].lost and self.links[0][1].lost)
+        # The next datagram opens a fresh session with a new pool connection.
+        reply = yield self.user.ask(b"again", self.ingress.port)
+        self.assertEqual(reply, b"again")
+        self.assertEqual([conn_id for _, conn_id in self.signals], ["00000001", "00000002"])
+
+    @defer.inlineCallbacks
+    def test_slot_refused(self) -> Any:
+        """A refused slot drops the datagram: no pool connection, no signal."""
+        self.in_policy.limit = 0
+        self.user.transport.write(b"dropped", ("127.0.0.1", self.ingress.port))  # type: ignore[union-attr,call-arg]
+        yield wait_for(lambda: self.in_stats.udprx == 7)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.signals, [])
+        self.assertEqual(self.links, [])
+        self.assertEqual(self.ingress.sessions, 0)
+        self.assertEqual(self.echo.got, [])
+
+    @defer.inlineCallbacks
+    def test_no_pool_connection(self) -> Any:
+        """Without a pool connection the session is dropped, the slot freed, and a WARN logged."""
+        self.acquire_fail = True
+        self.user.transport.write(b"x", ("127.0.0.1", self.ingress.port))  # type: ignore[union-attr,call-arg]
+        yield wait_for(lambda: self.in_policy.released == 1)
+        self.assertEqual(self.ingress.sessions, 0)
+        self.assertEqual(self.in_stats.udps, 0)
+        self.assertTrue(any("request timeout" in r.text for r in self.records))
+        self.acquire_fail = False
+        reply = yield self.user.ask(b"later", self.ingress.port)
+        self.assertEqual(reply, b"later")
+
+    @defer.inlineCallbacks
+    def test_pool_connection_closed_by_peer(self) -> Any:
+        """When the pool connection ends, both halves drop the session."""
+        reply = yield self.user.ask(b"one", self.ingress.port)
+        self.assertEqual(reply, b"one")
+        self.links[0][1].close()
+        yield wait_for(lambda: self.ingress.sessions == 0 and self.egress.sessions == 0)
+        self.assertEqual((self.in_stats.udps, self.out_stats.udps), (0, 0))
+
+    @defer.inlineCallbacks
+    def test_two_peers_two_sessions(self) -> Any:
+        """Each user address gets its own session and signal."""
+        other = User()
+        other_port = reactor.listenUDP(0, other, interface="127.0.0.1")
+        self.addCleanup(other_port.stopListening)
+        a = yield self.user.ask(b"from-a", self.ingress.port)
+        b = yield other.ask(b"from-b", self.ingress.port)
+        self.assertEqual((a, b), (b"from-a", b"from-b"))
+        self.assertEqual(len(self.signals), 2)
+        self.assertEqual(self.ingress.sessions, 2)
+        self.assertEqual(self.in_stats.udps, 2)
+
+
+class HelperTests(unittest.TestCase):
+    """Small pieces: addresses, idle timer, pause gate."""
+
+    def test_peer_key(self) -> None:
+        self.assertEqual(peer_key("127.0.0.1", 80), "127.0.0.1:80")
+        self.assertEqual(peer_key("::ffff:10.0.0.1", 5), "10.0.0.1:5")
+        self.assertEqual(peer_key("::1", 53), "[::1]:53")
+        self.assertEqual(peer_key("fe80::1%eth0", 53), "[fe80::1]:53")
+
+    def test_idle_timer(self) -> None:
+        clock = task.Clock()
+        fired: list[int] = []
+        timer = IdleTimer(clock, 10, lambda: fired.append(1))
+        clock.advance(6)
+        timer.touch()
+        clock.advance(6)
+        self.assertEqual(fired, [])
+        clock.advance(4)
+        self.assertEqual(fired, [1])
+
+    def test_idle_timer_zero_is_off(self) -> None:
+        clock = task.Clock()
+        fired: list[int] = []
+        IdleTimer(clock, 0, lambda: fired.append(1))
+        clock.advance(1000)
+        self.assertEqual(fired, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_pause_gate(self) -> None:
+        events: list[str] = []
+        gate = PauseGate(lambda: events.append("pause"), lambda: events.append("resume"))
+        a, b = gate.handle(), gate.handle()
+        a.pauseProducing()
+        b.pauseProducing()
+        a.pauseProducing()
+        a.resumeProducing()
+        self.assertEqual(events, ["pause"])
+        gate.release(b)
+        self.assertEqual(events, ["pause", "resume"])
