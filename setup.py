@@ -19,7 +19,6 @@ setup(
     packages=find_packages(include=["nodepass", "nodepass.*"]) + ["twisted.plugins"],
     package_data={
         "nodepass": ["py.typed"],
-        "nodepass.master": ["*.json", "static/*"],
         "twisted": ["plugins/nodepass_plugin.py"],
     },
     install_requires=[
@@ -31,10 +30,12 @@ setup(
         "cryptography>=42",
         "zope.interface>=6.0",
         "psutil>=5.9",
+        "swagger-ui-py>=25.7",
     ],
     extras_require={
         "test": [
             "hypothesis>=6.100",
+            "openapi-spec-validator>=0.7",
         ],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
     },

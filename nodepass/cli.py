@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from nodepass import __version__
 from nodepass.env import Settings

@@ -9,8 +9,8 @@ in :attr:`Settings.warnings` so the caller can log it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
 
 from nodepass.durations import parse_duration
 
@@ -39,7 +39,7 @@ class Settings:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from *environ* (default ``os.environ``)."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, TextIO
+from typing import TextIO
 
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from zope.interface import implementer

@@ -27,7 +27,8 @@ import datetime
 import hashlib
 import os
 import secrets
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -72,7 +73,7 @@ def fingerprint_of_x509(cert: Any) -> str:
     return fingerprint(der)
 
 
-_RAM_CERT: Optional[tuple[bytes, bytes]] = None
+_RAM_CERT: tuple[bytes, bytes] | None = None
 
 
 def self_signed_pem(version: str = VERSION) -> tuple[bytes, bytes]:
@@ -80,7 +81,7 @@ def self_signed_pem(version: str = VERSION) -> tuple[bytes, bytes]:
     global _RAM_CERT
     if _RAM_CERT is None:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, version)])
         cert = (
             x509.CertificateBuilder()
@@ -240,7 +241,7 @@ def server_tls(
     logger: NodePassLogger,
     reload_interval: float = 3600.0,
     version: str = VERSION,
-) -> Optional[ServerTLS]:
+) -> ServerTLS | None:
     """Pick the server TLS set-up for ``tls=code`` and log it like NodePass.
 
     Returns None for code 0 (plain TCP).
@@ -284,8 +285,8 @@ def _trust_root() -> Any:
             for part in data.split(marker)[1:]
         ]
         if certs:
-            return tssl.trustRootFromCertificates(certs)
-    return tssl.platformTrust()
+            return tssl.trustRootFromCertificates(certs)  # type: ignore[no-untyped-call]
+    return tssl.platformTrust()  # type: ignore[no-untyped-call]
 
 
 @implementer(IOpenSSLClientConnectionCreator)

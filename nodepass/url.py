@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from typing import Literal, Union
 from urllib.parse import quote_plus, unquote
 
 from nodepass.durations import format_duration, parse_duration

@@ -6,14 +6,16 @@ connection as the pool connection between the ingress and egress halves.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from twisted.internet import defer, reactor as _reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.trial import unittest
 
 from nodepass.env import Settings
-from nodepass.log import NodePassLogger, LogRecord
+from nodepass.log import LogRecord, NodePassLogger
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.udp import IdleTimer, PauseGate, UdpEgress, UdpIngress, peer_key
@@ -46,7 +48,7 @@ class FakePolicy:
         self.stats.udps -= 1
         self.released += 1
 
-    def udp_target(self) -> "defer.Deferred[tuple[str, int]]":
+    def udp_target(self) -> defer.Deferred[tuple[str, int]]:
         return defer.succeed(self.target)
 
 
@@ -71,15 +73,18 @@ class User(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.replies.append(datagram)
-        if self.waiting:
-            self.waiting.pop(0).callback(datagram)
+        while self.waiting:
+            d = self.waiting.pop(0)
+            if not d.called:  # skip questions that already timed out
+                d.callback(datagram)
+                break
 
-    def ask(self, data: bytes, port: int) -> "defer.Deferred[bytes]":
+    def ask(self, data: bytes, port: int, timeout: float = 5) -> defer.Deferred[bytes]:
         d: defer.Deferred[bytes] = defer.Deferred()
         self.waiting.append(d)
         assert self.transport is not None
         self.transport.write(data, ("127.0.0.1", port))  # type: ignore[call-arg]
-        return d.addTimeout(5, reactor)
+        return d.addTimeout(timeout, reactor)
 
 
 @defer.inlineCallbacks
@@ -116,9 +121,7 @@ class PoolPair:
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
         client = RelayProtocol()
-        yield connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
-        )
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client)
         yield wait_for(lambda: len(self.accepted) > 0 and self.accepted[-1].transport is not None)
         return client, self.accepted[-1]
 
@@ -286,6 +289,33 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertEqual((self.in_stats.udps, self.out_stats.udps), (0, 0))
 
     @defer.inlineCallbacks
+    def test_rate_limited_sessions_still_flow(self) -> Any:
+        """With a throttle both halves charge it and datagrams still get through."""
+        from nodepass.datapath.ratelimit import Throttle
+
+        self.in_policy.throttle = Throttle(reactor, 1_000_000)
+        self.out_policy.throttle = Throttle(reactor, 1_000_000)
+        yield self.ingress.stop()
+        self.ingress = self.make_ingress(self.settings)
+        self.egress = UdpEgress(
+            reactor=reactor,
+            logger=self.logger,
+            settings=self.settings,
+            stats=self.out_stats,
+            policy=self.out_policy,
+        )
+        for i in range(3):
+            data = b"r%d" % i * 1000
+            reply = yield self.user.ask(data, self.ingress.port)
+            self.assertEqual(reply, data)
+        self.assertLess(self.in_policy.throttle.read_bucket.tokens, 1_000_000)
+        self.assertLess(self.in_policy.throttle.write_bucket.tokens, 1_000_000)
+        self.assertLess(self.out_policy.throttle.read_bucket.tokens, 1_000_000)
+        self.assertLess(self.out_policy.throttle.write_bucket.tokens, 1_000_000)
+        self.in_policy.throttle.stop()
+        self.out_policy.throttle.stop()
+
+    @defer.inlineCallbacks
     def test_two_peers_two_sessions(self) -> Any:
         """Each user address gets its own session and signal."""
         other = User()
@@ -297,6 +327,108 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertEqual(len(self.signals), 2)
         self.assertEqual(self.ingress.sessions, 2)
         self.assertEqual(self.in_stats.udps, 2)
+
+
+class UdpEgressTests(unittest.TestCase):
+    """The egress half alone, driven through real TCP 'pool connections'."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.logger = NodePassLogger("debug", stream=None)
+        self.records: list[LogRecord] = []
+        self.logger.add_observer(self.records.append)
+        self.echo = Echo()
+        self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1")
+        self.addCleanup(self.echo_port.stopListening)
+        self.stats = TunnelStats()
+        self.policy = FakePolicy(self.stats, ("127.0.0.1", self.echo_port.getHost().port))
+        self.egress = UdpEgress(
+            reactor=reactor, logger=self.logger, settings=Settings(), stats=self.stats, policy=self.policy
+        )
+        self.addCleanup(self.egress.stop)
+        self.pairs = PoolPair()
+        self.addCleanup(lambda: self.pairs.port and self.pairs.port.stopListening())
+
+    @defer.inlineCallbacks
+    def pair(self) -> Any:
+        near, far = yield self.pairs.make()
+        got: list[bytes] = []
+        near.set_sink(got.append)
+        self.addCleanup(near.abort)
+        self.addCleanup(far.abort)
+        return near, far, got
+
+    @defer.inlineCallbacks
+    def test_second_link_reuses_socket(self) -> Any:
+        """A second link for the same remote shares the target socket; replies go to the newest."""
+        near1, far1, got1 = yield self.pair()
+        near2, far2, got2 = yield self.pair()
+        done1 = self.egress.open("10.0.0.1:5000", far1)
+        near1.transport.write(b"one")
+        yield wait_for(lambda: got1 == [b"one"])
+        self.egress.open("10.0.0.1:5000", far2)
+        near2.transport.write(b"two")
+        yield wait_for(lambda: got2 == [b"two"])
+        self.assertEqual(self.egress.sessions, 1)
+        self.assertEqual(self.stats.udps, 1)
+        self.assertEqual(self.policy.admitted, ["10.0.0.1:5000"])
+        # The creator's link ends: the session, its socket and the slot go too.
+        near1.close()
+        yield done1
+        yield wait_for(lambda: far2.lost)
+        self.assertEqual(self.egress.sessions, 0)
+        self.assertEqual(self.stats.udps, 0)
+
+    @defer.inlineCallbacks
+    def test_dial_failure_closes_link_and_frees_slot(self) -> Any:
+        """When no UDP target can be had, the pool connection is closed and the slot returned."""
+        self.policy.udp_target = lambda: defer.fail(ConnectionError("all 1 targets failed"))  # type: ignore[method-assign]
+        near, far, _ = yield self.pair()
+        yield self.egress.open("10.0.0.2:6000", far)
+        yield wait_for(lambda: near.lost)
+        self.assertEqual((self.stats.udps, self.policy.released), (0, 1))
+        self.assertTrue(any("all 1 targets failed" in r.text for r in self.records))
+
+    @defer.inlineCallbacks
+    def test_slot_refused_closes_link(self) -> Any:
+        """A refused slot closes the pool connection at once."""
+        self.policy.limit = 0
+        near, far, _ = yield self.pair()
+        yield self.egress.open("10.0.0.3:7000", far)
+        yield wait_for(lambda: near.lost)
+        self.assertEqual(self.egress.sessions, 0)
+        self.assertEqual(self.echo.got, [])
+
+
+class PoolLinkTests(unittest.TestCase):
+    """How a datagram is written to a pool connection."""
+
+    @defer.inlineCallbacks
+    def test_one_send_per_datagram_on_plain_tcp(self) -> Any:
+        """Each datagram reaches the socket at once, so consecutive ones are not merged."""
+        import socket
+
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        from nodepass.tunnel.udp import as_link
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.addCleanup(server.close)
+        conn = RelayProtocol()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.getsockname()[1]), conn)
+        self.addCleanup(conn.abort)
+        peer, _ = server.accept()
+        self.addCleanup(peer.close)
+        peer.settimeout(2)
+        link = as_link(conn)
+        link.write(b"first datagram")
+        # No reactor turn in between: the bytes must already be on the wire.
+        self.assertEqual(peer.recv(100), b"first datagram")
+        link.write(b"second")
+        self.assertEqual(peer.recv(100), b"second")
 
 
 class HelperTests(unittest.TestCase):
@@ -338,3 +470,140 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(events, ["pause"])
         gate.release(b)
         self.assertEqual(events, ["pause", "resume"])
+
+
+def free_port() -> int:
+    """A port number currently free for both TCP and UDP on 127.0.0.1."""
+    import socket
+
+    for _ in range(50):
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t.bind(("127.0.0.1", 0))
+        port = int(t.getsockname()[1])
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+        return port
+    raise RuntimeError("no free port")
+
+
+class UdpThroughTunnelTests(unittest.TestCase):
+    """UDP through a real server + client pair in this process (plain and TLS pools)."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.records: list[LogRecord] = []
+        self.settings = Settings(report_interval=0.3, service_cooldown=0.3, udp_read_timeout=30.0)
+        self.echo = Echo()
+        self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(self.echo_port.stopListening)
+        self.user = User()
+        self.user_port = reactor.listenUDP(0, self.user, interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(self.user_port.stopListening)
+        self.addCleanup(self.settle)
+
+    @defer.inlineCallbacks
+    def settle(self) -> Any:
+        """After both services stopped: wait for pool dials still in flight to end."""
+        from twisted.internet import tcp
+
+        def busy() -> list[Any]:
+            return [s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, tcp.Client)]
+
+        for _ in range(150):
+            if not busy():
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        for s in busy():
+            s.abortConnection()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def start(self, url: str, name: str) -> Any:
+        from nodepass.tunnel import make_tunnel_service
+        from nodepass.url import parse_tunnel_url
+
+        logger = NodePassLogger("debug", stream=None)
+        logger.add_observer(lambda r: self.records.append(LogRecord(r.level, f"{name}: {r.text}", r.time)))
+        service = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=self.settings)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    @defer.inlineCallbacks
+    def first_reply(self, data: bytes, port: int) -> Any:
+        """Send *data* until a reply comes back (the tunnel may still be starting)."""
+        for _ in range(40):
+            d = self.user.ask(data, port, timeout=1)
+            try:
+                reply = yield d
+                return reply
+            except defer.TimeoutError:
+                continue
+        raise AssertionError("no reply through the tunnel")
+
+    @defer.inlineCallbacks
+    def run_echo(self, server_url: str, client_url: str, ingress_port: int, ingress: str) -> Any:
+        server = self.start(server_url, "server")
+        client = self.start(client_url, "client")
+        first = yield self.first_reply(b"hello", ingress_port)
+        self.assertEqual(first, b"hello")
+        in_stats = (server if ingress == "server" else client).stats
+        out_stats = (client if ingress == "server" else server).stats
+        base_in = (in_stats.udprx, in_stats.udptx)
+        base_out = (out_stats.udprx, out_stats.udptx)
+        total = 0
+        for i in range(5):
+            data = b"datagram-%d:" % i + b"z" * (200 * i)
+            reply = yield self.user.ask(data, ingress_port)
+            self.assertEqual(reply, data)
+            total += len(data)
+        self.assertEqual(in_stats.udprx - base_in[0], total)
+        self.assertEqual(in_stats.udptx - base_in[1], total)
+        self.assertEqual(out_stats.udptx - base_out[1], total)
+        self.assertEqual(out_stats.udprx - base_out[0], total)
+        self.assertGreaterEqual(in_stats.udps, 1)
+        self.assertGreaterEqual(out_stats.udps, 1)
+        self.assertEqual(in_stats.tcprx + out_stats.tcprx, 0)
+
+    def test_reverse_mode_plain_pool(self) -> Any:
+        """Server mode 1 listens on its target address; the client dials the UDP echo."""
+        tunnel, ingress = free_port(), free_port()
+        echo = self.echo_port.getHost().port
+        return self.run_echo(
+            f"server://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=1&tls=0",
+            f"client://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2",
+            ingress,
+            "server",
+        )
+
+    def test_forward_mode_tls_pool(self) -> Any:
+        """Server mode 2 dials the echo; the client listens (flow "+"); pool in TLS."""
+        tunnel, ingress = free_port(), free_port()
+        echo = self.echo_port.getHost().port
+        return self.run_echo(
+            f"server://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2&tls=1",
+            f"client://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=2",
+            ingress,
+            "client",
+        )
+
+    @defer.inlineCallbacks
+    def test_idle_sessions_end_on_both_sides(self) -> Any:
+        """After udp_read_timeout without traffic both ends drop the session (UDPS back to 0)."""
+        self.settings = Settings(report_interval=0.3, service_cooldown=0.3, udp_read_timeout=0.5)
+        tunnel, ingress = free_port(), free_port()
+        echo = self.echo_port.getHost().port
+        server = self.start(f"server://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=1", "server")
+        client = self.start(f"client://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2", "client")
+        reply = yield self.first_reply(b"idle?", ingress)
+        self.assertEqual(reply, b"idle?")
+        self.assertEqual((server.stats.udps, client.stats.udps), (1, 1))
+        yield wait_for(lambda: (server.stats.udps, client.stats.udps) == (0, 0))
+        reply = yield self.user.ask(b"again", ingress)
+        self.assertEqual(reply, b"again")

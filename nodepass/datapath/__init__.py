@@ -9,21 +9,26 @@ The tunnel core builds one :class:`DataPolicy` per tunnel instance with
 from nodepass.datapath.dial import DialAddressError, SourceAddress, parse_dial
 from nodepass.datapath.policy import DataPolicy
 from nodepass.datapath.proxyproto import ProxyHeaderError, build_v1_header
-from nodepass.datapath.ratelimit import BYTES_PER_MBIT, Throttle, TokenBucket, rate_to_bytes
+from nodepass.datapath.ratelimit import (
+    BYTES_PER_MBIT,
+    Throttle,
+    TokenBucket,
+    rate_to_bytes,
+)
 from nodepass.datapath.resolve import DNSCache
 from nodepass.datapath.slots import SlotLimiter
 from nodepass.datapath.sniff import SNIFF_BYTES, FirstBytesGate, detect, parse_block
 from nodepass.datapath.targets import AllTargetsFailed, TargetDialer, TargetSelector
 
 __all__ = [
-    "AllTargetsFailed",
     "BYTES_PER_MBIT",
+    "SNIFF_BYTES",
+    "AllTargetsFailed",
     "DNSCache",
     "DataPolicy",
     "DialAddressError",
     "FirstBytesGate",
     "ProxyHeaderError",
-    "SNIFF_BYTES",
     "SlotLimiter",
     "SourceAddress",
     "TargetDialer",

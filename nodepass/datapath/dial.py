@@ -22,7 +22,7 @@ import ipaddress
 
 from nodepass.log import NodePassLogger
 
-__all__ = ["DialAddressError", "parse_dial", "SourceAddress"]
+__all__ = ["DialAddressError", "SourceAddress", "parse_dial"]
 
 
 class DialAddressError(ValueError):

@@ -52,15 +52,24 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IAddress, IHostnameResolver, IProtocol, IProtocolFactory
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+)
 
 from nodepass.datapath.dial import SourceAddress, family_of
 from nodepass.datapath.proxyproto import AddressLike, build_v1_header
 from nodepass.datapath.ratelimit import Throttle
 from nodepass.datapath.resolve import DNSCache
 from nodepass.datapath.slots import SlotLimiter
-from nodepass.datapath.sniff import DEFAULT_SNIFF_TIMEOUT, SNIFF_BYTES, detect, parse_block
+from nodepass.datapath.sniff import (
+    DEFAULT_SNIFF_TIMEOUT,
+    SNIFF_BYTES,
+    detect,
+    parse_block,
+)
 from nodepass.datapath.targets import TargetDialer, TargetSelector
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
@@ -139,7 +148,7 @@ class DataPolicy:
         stats: TunnelStats,
         resolver: IHostnameResolver | None = None,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
-    ) -> "DataPolicy":
+    ) -> DataPolicy:
         """Build the policy from a parsed :class:`~nodepass.url.TunnelURL`.
 
         *reactor* must provide TCP, time and (unless *resolver* is given)
@@ -215,7 +224,7 @@ class DataPolicy:
         """The ``listenUDP`` interface for a session socket that sends to *target_ip*."""
         return self.source.udp_interface(target_ip)
 
-    def connect_tcp(self, factory: IProtocolFactory) -> "Deferred[IProtocol]":
+    def connect_tcp(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect to a target (``lbs`` order, failover, ``dial``, DNS cache, tcp_dial_timeout).
 
         Fires with the protocol *factory* built for the one successful
@@ -224,21 +233,21 @@ class DataPolicy:
         try:
             return self.dialer.connect_tcp(factory)
         except Exception:
-            return fail(Failure())
+            return fail()
 
-    def udp_target(self) -> "Deferred[tuple[str, int]]":
+    def udp_target(self) -> Deferred[tuple[str, int]]:
         """The resolved ``(ip, port)`` for a new UDP target session (``lbs`` applied)."""
         try:
             return self.dialer.udp_target()
         except Exception:
-            return fail(Failure())
+            return fail()
 
-    def probe_latency(self) -> "Deferred[int]":
+    def probe_latency(self) -> Deferred[int]:
         """Probe every target concurrently; best connect time in ms, 0 when none answered."""
         try:
             return self.dialer.probe()
         except Exception:
-            return fail(Failure())
+            return fail()
 
     # -- lifecycle -------------------------------------------------------------
     def reset(self) -> None:

@@ -24,7 +24,7 @@ from typing import Union
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 
-__all__ = ["AddressLike", "ProxyHeaderError", "split_host_port", "build_v1_header"]
+__all__ = ["AddressLike", "ProxyHeaderError", "build_v1_header", "split_host_port"]
 
 AddressLike = Union[IAddress, tuple[str, int], str]
 """An address given as a Twisted address, ``(host, port)`` or ``"host:port"`` text."""

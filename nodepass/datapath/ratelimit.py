@@ -34,7 +34,7 @@ from typing import Literal
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 
-__all__ = ["BYTES_PER_MBIT", "Direction", "TokenBucket", "Throttle", "rate_to_bytes"]
+__all__ = ["BYTES_PER_MBIT", "Direction", "Throttle", "TokenBucket", "rate_to_bytes"]
 
 BYTES_PER_MBIT = 125_000
 """NodePass's conversion factor: 1 Mbit/s = 125 000 bytes/s."""
@@ -178,13 +178,13 @@ class Throttle:
         self.write_bucket = TokenBucket(reactor, bytes_per_second)
 
     @classmethod
-    def from_rate(cls, reactor: IReactorTime, rate_mbit: int) -> "Throttle | None":
+    def from_rate(cls, reactor: IReactorTime, rate_mbit: int) -> Throttle | None:
         """The throttle for a ``rate`` value in Mbit/s, or ``None`` when it is off (``<= 0``)."""
         bps = rate_to_bytes(rate_mbit)
         return cls(reactor, bps) if bps > 0 else None
 
-    def bucket(self, direction: Direction) -> TokenBucket:
-        """The bucket charged for *direction*."""
+    def bucket(self, direction: Direction | str) -> TokenBucket:
+        """The bucket charged for *direction* (``"read"`` or ``"write"``; else ``ValueError``)."""
         if direction == "read":
             return self.read_bucket
         if direction == "write":
@@ -192,7 +192,7 @@ class Throttle:
         raise ValueError(f"direction must be 'read' or 'write', got {direction!r}")
 
     def consume(
-        self, nbytes: int, producer: IPushProducer | None, direction: Direction = "read"
+        self, nbytes: int, producer: IPushProducer | None, direction: str = "read"
     ) -> None:
         """Charge *nbytes* to the *direction* bucket, pausing *producer* while in debt."""
         self.bucket(direction).consume(nbytes, producer)

@@ -1,6 +1,7 @@
 """Hostname resolution with a per-tunnel cache whose TTL is the ``dns`` parameter.
 
-IP literals are used as they are.  A hostname is resolved through the
+IP literals are used as they are, and an empty host (a target written as
+``:port``) means the local system (``127.0.0.1``).  A hostname is resolved through the
 injected :class:`~twisted.internet.interfaces.IHostnameResolver` (normally
 ``reactor.nameResolver``) and the answer is cached for ``ttl`` seconds
 (``dns``, default 5 minutes; ``0`` disables caching, so every use resolves
@@ -29,15 +30,17 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IResolutionReceiver,
 )
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass.log import NodePassLogger
 
-__all__ = ["DEFAULT_DNS_TTL", "is_ip_literal", "pick_address", "DNSCache"]
+__all__ = ["DEFAULT_DNS_TTL", "LOCAL_HOST", "DNSCache", "is_ip_literal", "pick_address"]
 
 DEFAULT_DNS_TTL = 300.0
 """NodePass's default ``dns`` value (5 minutes)."""
+
+LOCAL_HOST = "127.0.0.1"
+"""Where an empty host (``:port``) is dialed: the local system."""
 
 
 def is_ip_literal(host: str) -> bool:
@@ -123,6 +126,8 @@ class DNSCache:
     def resolve_host(self, host: str) -> Deferred[str]:
         """Deferred IP for *host*; fails with ``DNSLookupError`` only if it never resolved."""
         bare = host.strip("[]")
+        if bare == "":
+            return succeed(LOCAL_HOST)
         if is_ip_literal(bare):
             return succeed(bare)
         hit = self.cached(host)
@@ -139,9 +144,10 @@ class DNSCache:
 
     def resolve(self, host: str, port: int) -> Deferred[tuple[str, int]]:
         """Deferred ``(ip, port)`` for ``host:port``."""
-        d = self.resolve_host(host)
-        d.addCallback(lambda ip: (ip, port))
-        return d
+        def with_port(ip: str) -> tuple[str, int]:
+            return (ip, port)
+
+        return self.resolve_host(host).addCallback(with_port)
 
     def _query(self, host: str) -> None:
         collector = _Collector()
@@ -180,4 +186,4 @@ class DNSCache:
             if fallback is not None:
                 w.callback(fallback)
             else:
-                w.errback(Failure(DNSLookupError(f"cannot resolve {host}: {reason}")))
+                w.errback(DNSLookupError(f"cannot resolve {host}: {reason}"))

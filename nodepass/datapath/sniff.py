@@ -26,19 +26,19 @@ caller forwards them once the connection is allowed.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = [
-    "SNIFF_BYTES",
-    "DEFAULT_SNIFF_TIMEOUT",
-    "BLOCK_SOCKS",
     "BLOCK_HTTP",
+    "BLOCK_SOCKS",
     "BLOCK_TLS",
-    "parse_block",
-    "detect",
+    "DEFAULT_SNIFF_TIMEOUT",
+    "SNIFF_BYTES",
     "FirstBytesGate",
+    "detect",
+    "parse_block",
 ]
 
 SNIFF_BYTES = 8

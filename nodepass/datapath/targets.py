@@ -34,7 +34,8 @@ primary really is tried again.  A single target is always dialed directly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -48,13 +49,13 @@ from nodepass.datapath.resolve import DNSCache
 from nodepass.log import NodePassLogger
 
 __all__ = [
-    "UNHEALTHY_RETRY",
-    "LBS_ROUND_ROBIN",
     "LBS_LATENCY",
     "LBS_PRIMARY_BACKUP",
+    "LBS_ROUND_ROBIN",
+    "UNHEALTHY_RETRY",
     "AllTargetsFailed",
-    "TargetSelector",
     "TargetDialer",
+    "TargetSelector",
 ]
 
 UNHEALTHY_RETRY = 30.0
@@ -215,19 +216,21 @@ class TargetDialer:
         self, ip: str, port: int, timeout: float, bind: tuple[str, int] | None
     ) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
         if ":" in ip:
-            return TCP6ClientEndpoint(self._reactor, ip, port, timeout=timeout, bindAddress=bind)
+            return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                self._reactor, ip, port, timeout=timeout, bindAddress=bind
+            )
         return TCP4ClientEndpoint(self._reactor, ip, port, timeout=timeout, bindAddress=bind)
 
     def _connect_address(
         self, ip: str, port: int, factory: IProtocolFactory
-    ) -> "Deferred[IProtocol]":
+    ) -> Deferred[IProtocol]:
         bind = self.source.tcp_bind()
         d: Deferred[IProtocol] = self._endpoint(ip, port, self.tcp_timeout, bind).connect(factory)
         if bind is None:
             return d
 
-        def retry_unbound(failure: Failure) -> "Deferred[IProtocol] | Failure":
-            if not failure.check(ConnectBindError):
+        def retry_unbound(failure: Failure) -> Deferred[IProtocol] | Failure:
+            if not failure.check(ConnectBindError):  # type: ignore[no-untyped-call]
                 return failure
             # The source address is unusable: switch to auto for good (logged once).
             self.source.fall_back(f"bind {bind[0]}: {failure.getErrorMessage()}")
@@ -237,30 +240,51 @@ class TargetDialer:
         return d
 
     # -- dial with failover ------------------------------------------------
-    def connect_tcp(self, factory: IProtocolFactory) -> "Deferred[IProtocol]":
+    def connect_tcp(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect to the first target that answers, in :meth:`TargetSelector.order`.
 
         Fires with the connected protocol built by *factory* (only the
         successful attempt builds one), or fails with :class:`AllTargetsFailed`.
+        Cancelling the Deferred abandons the attempt in progress and tries no
+        further target.
         """
         order = self.selector.order()
-        result: Deferred[IProtocol] = Deferred()
+        current: list[Deferred[IProtocol]] = []
+        cancelled: list[bool] = []
+
+        def cancel(_d: Deferred[IProtocol]) -> None:
+            cancelled.append(True)
+            if current:
+                current[0].cancel()
+
+        result: Deferred[IProtocol] = Deferred(canceller=cancel)
         last: list[str] = ["no target tried"]
 
         def attempt(pos: int) -> None:
             if pos >= len(order):
-                result.errback(Failure(AllTargetsFailed(len(order), last[0])))
+                result.errback(AllTargetsFailed(len(order), last[0]))
                 return
             idx = order[pos]
             host, port = self.targets[idx]
-            d = self.cache.resolve(host, port)
-            d.addCallback(lambda addr: self._connect_address(addr[0], addr[1], factory))
+
+            def dial(addr: tuple[str, int]) -> Deferred[IProtocol]:
+                return self._connect_address(addr[0], addr[1], factory)
+
+            d: Deferred[IProtocol] = self.cache.resolve(host, port).addCallback(dial)
+            current[:] = [d]
 
             def ok(proto: IProtocol) -> None:
+                if cancelled or result.called:  # cancelled: do not leak the connection
+                    transport = getattr(proto, "transport", None)
+                    if transport is not None:
+                        transport.loseConnection()
+                    return
                 self.selector.succeeded(idx)
                 result.callback(proto)
 
             def bad(failure: Failure) -> None:
+                if cancelled or result.called:
+                    return
                 self.selector.failed(idx)
                 last[0] = f"{host}:{port}: {failure.getErrorMessage()}"
                 if self._logger is not None and pos + 1 < len(order):
@@ -272,7 +296,7 @@ class TargetDialer:
         attempt(0)
         return result
 
-    def udp_target(self) -> "Deferred[tuple[str, int]]":
+    def udp_target(self) -> Deferred[tuple[str, int]]:
         """The resolved ``(ip, port)`` for a new UDP session, in ``lbs`` order.
 
         UDP has no connect handshake, so the first target that resolves is
@@ -284,7 +308,7 @@ class TargetDialer:
 
         def attempt(pos: int) -> None:
             if pos >= len(order):
-                result.errback(Failure(AllTargetsFailed(len(order), last[0])))
+                result.errback(AllTargetsFailed(len(order), last[0]))
                 return
             host, port = self.targets[order[pos]]
 
@@ -298,13 +322,13 @@ class TargetDialer:
         return result
 
     # -- latency probes --------------------------------------------------------
-    def _probe_one(self, idx: int) -> "Deferred[float | None]":
+    def _probe_one(self, idx: int) -> Deferred[float | None]:
         host, port = self.targets[idx]
         clock: IReactorTime = self._reactor
         started = clock.seconds()
         d = self.cache.resolve(host, port)
 
-        def connect(addr: tuple[str, int]) -> "Deferred[IProtocol]":
+        def connect(addr: tuple[str, int]) -> Deferred[IProtocol]:
             factory = Factory.forProtocol(_Closer)
             return self._endpoint(addr[0], addr[1], self.probe_timeout, None).connect(factory)
 
@@ -316,16 +340,16 @@ class TargetDialer:
         def failed(_failure: Failure) -> None:
             return None
 
-        out: Deferred[float | None] = d.addCallbacks(measured, failed)  # type: ignore[arg-type]
+        out: Deferred[float | None] = d.addCallbacks(measured, failed)
         return out
 
-    def probe(self) -> "Deferred[int]":
+    def probe(self) -> Deferred[int]:
         """Connect to every target concurrently; fire with the best latency in ms (0 if none).
 
         The results update target health and, with ``lbs=1``, the preferred target.
         """
         probes = [self._probe_one(i) for i in range(len(self.targets))]
-        dl: Deferred[list[tuple[bool, float | None]]] = DeferredList(probes, consumeErrors=True)  # type: ignore[assignment]
+        dl: Deferred[list[tuple[bool, float | None]]] = DeferredList(probes, consumeErrors=True)
 
         def done(results: list[tuple[bool, float | None]]) -> int:
             latencies = {i: (value if ok else None) for i, (ok, value) in enumerate(results)}

@@ -18,13 +18,19 @@ import html
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
 
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import Request
 from twisted.web.static import File
 
-__all__ = ["ASSETS", "SwaggerUIMissing", "docs_resource", "render_page", "swagger_ui_directory"]
+__all__ = [
+    "ASSETS",
+    "SwaggerUIMissing",
+    "docs_resource",
+    "render_missing_page",
+    "render_page",
+    "swagger_ui_directory",
+]
 
 #: Files served below ``<base>/docs/`` and their content types.
 ASSETS: dict[str, str] = {
@@ -94,46 +100,53 @@ def render_page(base: str) -> bytes:
     return _PAGE.format(docs=docs, spec_url=spec_url).encode("utf-8")
 
 
+def render_missing_page(base: str) -> bytes:
+    """The page served instead of Swagger UI when its files are not installed."""
+    spec = html.escape(f"{base}/openapi.json", quote=True)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
+        "<title>NodePass API</title></head>\n<body>\n"
+        "<p>The interactive documentation needs the swagger-ui-py package, "
+        "which is not installed on this host.</p>\n"
+        f"<p>The API description is at <a href=\"{spec}\">{spec}</a>.</p>\n"
+        "</body>\n</html>\n"
+    ).encode()
+
+
 class _Asset(File):
     """One Swagger UI file, sent with a fixed content type and cache header."""
 
     def __init__(self, path: Path, content_type: str) -> None:
-        super().__init__(str(path), defaultType=content_type)
+        super().__init__(str(path), defaultType=content_type)  # type: ignore[no-untyped-call]
         self.type = content_type
         self.encoding = None
 
-    def render_GET(self, request: Request) -> bytes | int:  # type: ignore[override]
-        request.setHeader(b"Cache-Control", b"public, max-age=86400")
-        return super().render_GET(request)  # type: ignore[no-any-return]
-
-    def directoryListing(self) -> Resource:
-        return NoResource()
+    def render_GET(self, request: IRequest) -> bytes | int:  # type: ignore[override]
+        request.setHeader(b"Cache-Control", b"public, max-age=86400")  # type: ignore[no-untyped-call]
+        result: bytes | int = super().render_GET(request)  # type: ignore[no-untyped-call]
+        return result
 
 
 class _DocsPage(Resource):
     """The documentation page; its children are the Swagger UI files."""
 
-    def __init__(self, base: str, folder: Optional[Path]) -> None:
-        super().__init__()
-        self._page = render_page(base)
-        self._missing: Optional[str] = None
+    def __init__(self, base: str, folder: Path | None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         if folder is None:
-            self._missing = str(SwaggerUIMissing.__doc__)
+            self._page = render_missing_page(base)
         else:
+            self._page = render_page(base)
             for name, content_type in ASSETS.items():
                 self.putChild(name.encode("ascii"), _Asset(folder / name, content_type))
 
-    def getChild(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
         if path == b"":
             return self
         return NoResource()
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")  # type: ignore[no-untyped-call]
         return self._page
-
-    def render_HEAD(self, request: Request) -> bytes:
-        return self.render_GET(request)
 
 
 def docs_resource(base: str) -> IResource:
@@ -141,11 +154,11 @@ def docs_resource(base: str) -> IResource:
 
     Its own path serves the page, whose API description URL is
     ``<base>/openapi.json`` and whose assets are ``<base>/docs/<file>``.
-    When the Swagger UI files are not installed the page is still served
-    (it then only shows a blank area) and the assets answer 404.
+    When the Swagger UI files are not installed the page says so and links
+    to the API description, and the assets answer 404.
     """
     try:
-        folder: Optional[Path] = swagger_ui_directory()
+        folder: Path | None = swagger_ui_directory()
     except SwaggerUIMissing:
         folder = None
     return _DocsPage(base, folder)

@@ -15,8 +15,8 @@ Wire format, as the dashboards read it (LF line endings only)::
   split into several ``log`` events on line boundaries (or inside a line when a
   single line is too long).
 * Subscribers are push producers registered on their HTTP request.  While the
-  peer does not read, events queue in memory, bounded by ``max_pending``;
-  past the bound the subscriber is disconnected (the dashboard reconnects and
+  peer does not read, events queue in memory, bounded by ``max_pending``
+  bytes (4 MiB by default); past the bound the subscriber is disconnected (the dashboard reconnects and
   receives a fresh ``initial`` burst), so a slow reader never stalls the
   master nor makes it buffer without limit.
 * :meth:`EventHub.close_all` sends ``shutdown`` to everyone and ends each
@@ -28,11 +28,12 @@ from __future__ import annotations
 import datetime
 import json
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
 
 EVENT_LIMIT = 65536
 """Every encoded event (``event:`` line, ``data:`` line, blank line) is shorter than this."""
+
+_SPLIT_AT = EVENT_LIMIT - 1024
+"""Frames are kept this small, leaving room for readers that count their own framing."""
 
 RETRY_PREAMBLE = b"retry: 3000\n\n"
 _EVENT_HEAD = b"event: instance\ndata: "
@@ -133,24 +137,27 @@ def encode_events(
     frame.
     """
     frame = encode_event(kind, when, instance, logs)
-    if len(frame) < EVENT_LIMIT or not logs:
+    if len(frame) <= _SPLIT_AT or not logs:
         return [frame]
     overhead = len(encode_event(kind, when, instance, ""))
-    budget = max(EVENT_LIMIT - 1 - overhead, 1024)
+    budget = max(_SPLIT_AT - overhead, 1024)
     return [encode_event(kind, when, instance, piece) for piece in _split_text(logs, budget)]
 
 
 @implementer(IPushProducer)
 class Subscriber:
-    """One open ``/events`` stream; queues while the peer is slow, bounded by *max_pending*."""
+    """One open ``/events`` stream; queues while the peer is slow, bounded by *max_pending* bytes."""
 
-    def __init__(self, hub: "EventHub", request: IRequest, max_pending: int) -> None:
+    def __init__(self, hub: EventHub, request: Any, max_pending: int) -> None:
         self.hub = hub
         self.request = request
         self.max_pending = max_pending
         self.paused = False
         self.closed = False
         self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.done: Deferred[None] = Deferred()
+        """Fires when the stream was ended cleanly; the web layer then finishes the response."""
         request.registerProducer(self, True)  # type: ignore[attr-defined]
 
     # IPushProducer --------------------------------------------------------
@@ -162,7 +169,9 @@ class Subscriber:
         """The peer reads again: write what was queued."""
         self.paused = False
         while self.pending and not self.paused and not self.closed:
-            self._write(self.pending.popleft())
+            frame = self.pending.popleft()
+            self.pending_bytes -= len(frame)
+            self._write(frame)
 
     def stopProducing(self) -> None:
         """The connection is going away."""
@@ -184,7 +193,8 @@ class Subscriber:
         for frame in frames:
             if self.paused or self.pending:
                 self.pending.append(frame)
-                if len(self.pending) > self.max_pending:
+                self.pending_bytes += len(frame)
+                if self.pending_bytes > self.max_pending:
                     self.drop()
                     return
             else:
@@ -228,25 +238,26 @@ class Subscriber:
         self.hub._forget(self)
         try:
             self.request.unregisterProducer()  # type: ignore[attr-defined]
-            self.request.finish()
         except Exception:
             pass
+        if not self.done.called:
+            self.done.callback(None)
 
 
 class EventHub:
     """Fans instance events out to every ``/events`` subscriber.
 
     *clock* gives the event times (POSIX seconds); *max_pending* bounds the
-    frames queued for one slow subscriber before it is disconnected.
+    bytes queued for one slow subscriber before it is disconnected.
     """
 
-    def __init__(self, *, clock: Callable[[], float], max_pending: int = 512) -> None:
+    def __init__(self, *, clock: Callable[[], float], max_pending: int = 4 << 20) -> None:
         self.clock = clock
         self.max_pending = max_pending
         self.subscribers: list[Subscriber] = []
 
     def subscribe(
-        self, request: IRequest, initial: Iterable[Mapping[str, Any]]
+        self, request: Any, initial: Iterable[Mapping[str, Any]]
     ) -> Subscriber:
         """Register *request* and write the preamble plus one ``initial`` event per instance.
 
@@ -259,6 +270,8 @@ class EventHub:
         frames = [RETRY_PREAMBLE]
         for instance in initial:
             frames.extend(encode_events("initial", now, instance))
+        # the initial burst never counts against the bound, however many instances there are
+        subscriber.max_pending += sum(len(frame) for frame in frames)
         subscriber.send(frames)
         return subscriber
 

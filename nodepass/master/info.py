@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import psutil
 
@@ -42,6 +42,9 @@ __all__ = ["MIN_CPU_WINDOW", "SystemInfo", "go_arch", "go_os"]
 
 #: Shortest window (seconds) over which a new CPU percentage is computed.
 MIN_CPU_WINDOW = 0.1
+
+#: Where Linux lists whole block devices (partitions live one level deeper).
+SYS_BLOCK = "/sys/block"
 
 _SKIPPED_NIC_PREFIXES = ("lo", "veth", "docker", "podman", "br-", "virbr")
 _WHOLE_DISK_WITH_DIGIT = re.compile(r"^(nvme\d+n\d+|mmcblk\d+)$")
@@ -70,7 +73,7 @@ _ARCH_NAMES = {
 }
 
 
-def go_os(platform_name: Optional[str] = None) -> str:
+def go_os(platform_name: str | None = None) -> str:
     """Name the operating system as Go does (``linux``, ``darwin``, ``windows``...)."""
     name = sys.platform if platform_name is None else platform_name
     if name.startswith("linux"):
@@ -82,7 +85,7 @@ def go_os(platform_name: Optional[str] = None) -> str:
     return re.sub(r"\d+$", "", name) or name
 
 
-def go_arch(machine: Optional[str] = None) -> str:
+def go_arch(machine: str | None = None) -> str:
     """Name the CPU architecture as Go does (``amd64``, ``arm64``, ``386``...)."""
     raw = platform.machine() if machine is None else machine
     lowered = raw.lower()
@@ -122,9 +125,8 @@ def _is_whole_disk(name: str, linux: bool) -> bool:
         return False
     if not linux:
         return True
-    sys_block = "/sys/block"
-    if os.path.isdir(sys_block):
-        return os.path.exists(os.path.join(sys_block, name.replace("/", "!")))
+    if os.path.isdir(SYS_BLOCK):
+        return os.path.exists(os.path.join(SYS_BLOCK, name.replace("/", "!")))
     if _WHOLE_DISK_WITH_DIGIT.match(name):
         return True
     return not name[-1:].isdigit()
@@ -149,7 +151,7 @@ class SystemInfo:
         self._cpu_sampler = cpu_sampler
         self._linux = go_os() == "linux"
         self._cpu = -1
-        self._previous: Optional[tuple[float, CpuSample]] = None
+        self._previous: tuple[float, CpuSample] | None = None
         self.sample_cpu()
 
     def sample_cpu(self) -> int:

@@ -21,12 +21,14 @@ Events: every change of an instance raises an SSE ``update``; so does every
 the line itself is not relayed), and a watchdog raises one with fresh stats
 whenever an instance that has a running tunnel stayed silent for
 ``NP_REPORT_INTERVAL``.  Other log lines of an instance become ``log`` events
-(and are echoed to the master's output with `` [<id>]`` appended).
+(and are echoed to the master's output with `` [<id>]`` appended;
+``CHECK_POINT`` lines are not echoed).
 
 Traffic counters are cumulative across restarts: a running tunnel's counters
 start at zero, so ``total = base + live - at_reset`` where ``base`` is the
 total when the tunnel started and ``at_reset`` the live value at the last
-``reset`` (0 otherwise).  ``reset`` zeroes the totals.
+``reset`` (0 otherwise).  ``reset`` zeroes the totals.  While instances run
+the state is saved every minute, so a crash loses at most a minute of counts.
 
 Every call into an instance's tunnel is guarded: a failing instance ends in
 ``error`` and never takes the master or other instances down.
@@ -34,18 +36,16 @@ Every call into an instance's tunnel is guarded: a failing instance ends in
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import time
 import urllib.parse
-from typing import Any, Callable, Iterable, Mapping, Optional, TextIO
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.python.failure import Failure
 
 from nodepass.env import Settings
 from nodepass.log import Level, LogRecord, NodePassLogger
@@ -74,6 +74,9 @@ URL_LIMIT = 8192
 
 META_LIMIT = 32768
 """Maximum size (bytes of compact JSON) of an instance's meta (keeps SSE events < 64 KiB)."""
+
+COUNTER_SAVE_INTERVAL = 60.0
+"""While instances run, the state (with their traffic counters) is saved this often (seconds)."""
 
 STATUSES = ("running", "stopped", "error")
 ACTIONS = ("start", "stop", "restart", "reset")
@@ -131,10 +134,10 @@ class InstanceRecord:
         self.base: dict[str, int] = {name: 0 for name in COUNTERS}
         self.at_reset: dict[str, int] = {name: 0 for name in COUNTERS}
         # live state (never persisted)
-        self.service: Optional[IService] = None
-        self.logger: Optional[NodePassLogger] = None
-        self.observer: Optional[Callable[[LogRecord], None]] = None
-        self.watchdog: Optional[IDelayedCall] = None
+        self.service: IService | None = None
+        self.logger: NodePassLogger | None = None
+        self.observer: Callable[[LogRecord], None] | None = None
+        self.watchdog: IDelayedCall | None = None
         self.deleted = False
         self.lock = DeferredLock()
 
@@ -201,7 +204,7 @@ class InstanceRecord:
         return data
 
     @classmethod
-    def from_state(cls, data: Mapping[str, Any]) -> "InstanceRecord":
+    def from_state(cls, data: Mapping[str, Any]) -> InstanceRecord:
         """Rebuild a record from the state file (tolerant of missing or odd fields)."""
         record = cls(_str_field(data, "id"))
         record.alias = _str_field(data, "alias")
@@ -230,11 +233,11 @@ class PatchRequest:
     """A validated PATCH body (``None`` = field absent)."""
 
     def __init__(self) -> None:
-        self.alias: Optional[str] = None
-        self.action: Optional[str] = None
-        self.restart: Optional[bool] = None
-        self.peer: Optional[dict[str, str]] = None
-        self.tags: Optional[dict[str, str]] = None
+        self.alias: str | None = None
+        self.action: str | None = None
+        self.restart: bool | None = None
+        self.peer: dict[str, str] | None = None
+        self.tags: dict[str, str] | None = None
         self.meta_given = False
 
 
@@ -351,7 +354,10 @@ def check_instance_url(url: Any, master: MasterURL) -> tuple[str, str, str]:
 
 
 class _EchoStream:
-    """A text stream that forwards each line to *target* with `` [<id>]`` appended."""
+    """A text stream that forwards each line to *target* with `` [<id>]`` appended.
+
+    ``CHECK_POINT`` lines are not forwarded (they only feed the statistics).
+    """
 
     def __init__(self, target: TextIO, instance_id: str) -> None:
         self.target = target
@@ -359,9 +365,9 @@ class _EchoStream:
 
     def write(self, text: str) -> int:
         lines = text.split("\n")
-        out = [line + self.suffix for line in lines[:-1]]
         if lines[-1]:
-            out.append(lines[-1] + self.suffix)
+            lines.append("")
+        out = [line + self.suffix for line in lines[:-1] if "CHECK_POINT|" not in line]
         if out:
             self.target.write("\n".join(out) + "\n")
         return len(text)
@@ -373,7 +379,7 @@ class _EchoStream:
             pass
 
 
-def _logger_stream(logger: NodePassLogger) -> Optional[TextIO]:
+def _logger_stream(logger: NodePassLogger) -> TextIO | None:
     stream = getattr(logger, "stream", None)
     if stream is None:
         stream = getattr(logger, "_stream", None)
@@ -407,9 +413,9 @@ class InstanceManager(MultiService):
         events: EventHub,
         tunnel_factory: TunnelFactory,
         on_change: Callable[[], None] = lambda: None,
-        output: Optional[TextIO] = None,
+        output: TextIO | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.master = master
         self.reactor = reactor
         self.logger = logger
@@ -419,7 +425,8 @@ class InstanceManager(MultiService):
         self.on_change = on_change
         self.output = output if output is not None else _logger_stream(logger)
         self.records: dict[str, InstanceRecord] = {}
-        self._sweep: Optional[LoopingCall] = None
+        self._sweep: LoopingCall | None = None
+        self._persist: LoopingCall | None = None
         self.key_rotated: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ pseudo-instance
@@ -442,7 +449,7 @@ class InstanceManager(MultiService):
         level = Level.INFO if self.logger.enabled(Level.INFO) else Level.EVENT
         self.logger.log(level, message, *args)
 
-    def load(self, stored: Optional[Iterable[Mapping[str, Any]]]) -> None:
+    def load(self, stored: Iterable[Mapping[str, Any]] | None) -> None:
         """Install the stored records (all ``stopped``) and make sure the pseudo-instance exists."""
         self.records.clear()
         for data in stored or ():
@@ -511,7 +518,7 @@ class InstanceManager(MultiService):
             out.append(record.to_json())
         return out
 
-    def get(self, instance_id: str) -> Optional[InstanceRecord]:
+    def get(self, instance_id: str) -> InstanceRecord | None:
         """The record with *instance_id* (stats refreshed), or ``None``."""
         record = self.records.get(instance_id)
         if record is not None:
@@ -567,7 +574,7 @@ class InstanceManager(MultiService):
 
     # ------------------------------------------------------------ lifecycle
     def _instance_logger(self, record: InstanceRecord, level: str) -> NodePassLogger:
-        stream: Optional[TextIO] = None
+        stream: TextIO | None = None
         if self.output is not None:
             stream = _EchoStream(self.output, record.id)  # type: ignore[assignment]
         return NodePassLogger(level or "info", namespace=f"nodepass.instance.{record.id}", stream=stream)
@@ -581,17 +588,20 @@ class InstanceManager(MultiService):
                     record.status = "running"
                 self._changed(record, save=False)
                 return
+            became_error = False
             if entry.level == Level.ERROR and (
                 "Server error:" in entry.text or "Client error:" in entry.text
             ):
+                became_error = record.status != "error"
                 record.status = "error"
-                for name in GAUGES:
-                    record.gauges[name] = 0
             record.refresh()
             if record.status == "error":
                 for name in GAUGES:
                     record.gauges[name] = 0
             self.events.publish("log", record.to_json(), entry.line(True))
+            if became_error:
+                self.events.publish("update", record.to_json())
+                self._arm_watchdog(record)
 
         return observe
 
@@ -620,7 +630,7 @@ class InstanceManager(MultiService):
             record.base[name] = record.totals[name]
             record.at_reset[name] = 0
         self.logger.info("Instance starting: %s [%s]", record.url, record.id)
-        service: Optional[IService] = None
+        service: IService | None = None
         try:
             config = parse_tunnel_url(record.url)
             logger = self._instance_logger(record, config.log)
@@ -631,7 +641,7 @@ class InstanceManager(MultiService):
             logger.add_observer(observer)
             record.logger, record.observer, record.service = logger, observer, service
             record.status = "running"
-            self.addService(service)
+            service.setServiceParent(self)  # type: ignore[no-untyped-call]
         except Exception as exc:
             self.logger.error("Instance start failed: %s [%s]", exc, record.id)
             if service is not None:
@@ -645,6 +655,10 @@ class InstanceManager(MultiService):
         if record.logger is not None and record.observer is not None:
             record.logger.remove_observer(record.observer)
         record.service = record.logger = record.observer = None
+        try:
+            service.parent = None  # type: ignore[attr-defined]
+        except Exception:
+            pass
         if service in self.services:
             try:
                 self.services.remove(service)
@@ -652,7 +666,7 @@ class InstanceManager(MultiService):
                 pass
             try:
                 if service.running:
-                    service.stopService()
+                    service.stopService()  # type: ignore[no-untyped-call]
             except Exception:
                 pass
 
@@ -688,15 +702,15 @@ class InstanceManager(MultiService):
             record.gauges[name] = 0
         self._changed(record)
 
-    def start(self, record: InstanceRecord) -> "Deferred[None]":
+    def start(self, record: InstanceRecord) -> Deferred[None]:
         """Start a stopped instance (no-op otherwise)."""
         return record.lock.run(lambda: self._start(record) if record.status == "stopped" else None)
 
-    def stop(self, record: InstanceRecord) -> "Deferred[None]":
+    def stop(self, record: InstanceRecord) -> Deferred[None]:
         """Stop an instance that is not stopped."""
         return record.lock.run(self._stop, record)
 
-    def restart(self, record: InstanceRecord) -> "Deferred[None]":
+    def restart(self, record: InstanceRecord) -> Deferred[None]:
         """Stop (if needed), pause briefly, and start again."""
 
         @inlineCallbacks
@@ -787,7 +801,7 @@ class InstanceManager(MultiService):
 
     def startService(self) -> None:
         """Start the instances with ``restart: true`` and the periodic error sweep."""
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         for record in list(self.records.values()):
             if record.restart and not record.is_pseudo:
                 self.logger.info("Auto-starting instance: %s [%s]", record.url, record.id)
@@ -797,6 +811,15 @@ class InstanceManager(MultiService):
             loop.clock = self.reactor
             loop.start(self.settings.reload_interval, now=False)
             self._sweep = loop
+        persist = LoopingCall(self._persist_counters)
+        persist.clock = self.reactor
+        persist.start(COUNTER_SAVE_INTERVAL, now=False)
+        self._persist = persist
+
+    def _persist_counters(self) -> None:
+        """Save the state while instances run, so traffic counters survive a crash."""
+        if any(record.service is not None for record in self.records.values()):
+            self.on_change()
 
     @inlineCallbacks
     def stop_all(self) -> Any:
@@ -814,8 +837,10 @@ class InstanceManager(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         """Stop the sweep and every instance."""
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
+        for loop in (self._sweep, self._persist):
+            if loop is not None and loop.running:
+                loop.stop()
         self._sweep = None
+        self._persist = None
         yield self.stop_all()
-        yield super().stopService()
+        yield super().stopService()  # type: ignore[no-untyped-call]

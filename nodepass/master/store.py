@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -147,6 +148,11 @@ class StateStore(Service):
             self.logger.error(
                 "State backup unreadable: %s: starting with an empty state", exc
             )
+            try:
+                os.replace(self.backup_path, self.backup_path + ".corrupt")
+                self.logger.error("Corrupt state backup kept as %s", self.backup_path + ".corrupt")
+            except OSError:
+                pass
             return None
         self.logger.error(
             "State restored from backup %s (%d instances)", self.backup_path, len(data["instances"])
@@ -204,7 +210,13 @@ class StateStore(Service):
         return True
 
     def request_save(self) -> None:
-        """Save soon; changes arriving before then are written together."""
+        """Save soon; changes arriving before then are written together.
+
+        Before the service starts and after it stopped this does nothing (the
+        owner saves explicitly then).
+        """
+        if not self.running:
+            return
         if self._pending is not None and self._pending.active():
             return
         self._pending = self.reactor.callLater(self.debounce, self._debounced)
@@ -229,7 +241,7 @@ class StateStore(Service):
     # service ---------------------------------------------------------------
     def startService(self) -> None:
         """Write a first backup and start the periodic backup."""
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.write_backup()
         if self.settings.reload_interval > 0:
             loop = LoopingCall(self.write_backup)
@@ -239,7 +251,7 @@ class StateStore(Service):
 
     def stopService(self) -> None:
         """Stop the periodic backup and write the final state."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._backup_loop is not None and self._backup_loop.running:
             self._backup_loop.stop()
         self._backup_loop = None

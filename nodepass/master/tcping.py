@@ -18,7 +18,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -151,7 +151,7 @@ class _ProbeFactory(ClientFactory):
     def __init__(self, attempt: _Attempt) -> None:
         self.attempt = attempt
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return _ProbeProtocol(self.attempt)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
@@ -204,10 +204,10 @@ class _Attempt:
         self.result: Deferred[TcpingResult] = Deferred(lambda _d: self.cancel())
         self.started = cast(IReactorTime, reactor).seconds()
         self.finished = False
-        self.connector: Optional[IConnector] = None
+        self.connector: IConnector | None = None
         self.addresses: list[str] = []
-        self.first_error: Optional[str] = None
-        self.current: Optional[str] = None
+        self.first_error: str | None = None
+        self.current: str | None = None
         self.timer: IDelayedCall = cast(IReactorTime, reactor).callLater(
             timeout, self.timed_out
         )
@@ -228,9 +228,10 @@ class _Attempt:
         except Exception as exc:  # a resolver refusing the name outright
             self.finish(False, f"dial tcp: lookup {self.host}: {exc}")
 
-    def _resolver(self) -> Optional[IHostnameResolver]:
+    def _resolver(self) -> IHostnameResolver | None:
         if IReactorPluggableNameResolver.providedBy(self.reactor):
-            return cast(IReactorPluggableNameResolver, self.reactor).nameResolver
+            resolver: IHostnameResolver = self.reactor.nameResolver
+            return resolver
         return None
 
     def resolved(self, addresses: Sequence[str]) -> None:
@@ -255,7 +256,7 @@ class _Attempt:
                 self.current, self.port, _ProbeFactory(self), timeout=remaining + 1.0
             )
         except Exception as exc:
-            self.failed(Failure(exc))
+            self.failed(Failure(exc))  # type: ignore[no-untyped-call]
 
     def connected(self, protocol: Protocol) -> None:
         transport = protocol.transport
@@ -279,19 +280,23 @@ class _Attempt:
             text = f"dial tcp: lookup {self.host}: i/o timeout"
         else:
             text = f"dial tcp {address}: i/o timeout"
-        connector, self.connector = self.connector, None
         self.finish(False, text)
-        if connector is not None:
-            connector.stopConnecting()
+        self._stop_connecting()
 
     def cancel(self) -> None:
         """Abandon the probe (its Deferred was cancelled): free the slot."""
         if self.finished:
             return
         self._close()
+        self._stop_connecting()
+
+    def _stop_connecting(self) -> None:
         connector, self.connector = self.connector, None
         if connector is not None:
-            connector.stopConnecting()
+            try:
+                connector.stopConnecting()
+            except ierror.NotConnectingError:
+                pass
 
     def _close(self) -> None:
         self.finished = True
@@ -299,7 +304,7 @@ class _Attempt:
             self.timer.cancel()
         self.release()
 
-    def finish(self, connected: bool, error_text: Optional[str]) -> None:
+    def finish(self, connected: bool, error_text: str | None) -> None:
         if self.finished:
             return
         self._close()

@@ -13,13 +13,15 @@ offer:
 * :meth:`incoming_get` (ingress side): the oldest idle connection, waiting up
   to a timeout ("insufficient pool connections");
 * :meth:`outgoing_get` (egress side): the connection with a given ID, waiting
-  up to a timeout for it to arrive ("pool connection not found");
+  up to a timeout for it to arrive ("pool connection not found"); an idle
+  connection the peer closed stays findable by ID for a few seconds, because
+  the peer's close can overtake the signal that names it;
 * :meth:`flush`, :meth:`close`, and an error counter.
 
 A connection that closes while idle leaves the pool at once.
 
 The server pool accepts only connections from the handshaken client IP,
-drops new ones when ``max`` are already idle, and (when ``strict`` is set,
+drops new ones when ``max`` are already idle, gives a TLS handshake 60 s, and (when ``strict`` is set,
 i.e. it is the ingress side) closes an idle connection that sends bytes before
 it was used, because a NodePass peer never does.
 
@@ -35,15 +37,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-from twisted.internet import defer, error
-from twisted.internet.interfaces import IAddress, IReactorTCP, IReactorTime
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IHandshakeListener
+from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IHandshakeListener
 
 from nodepass.log import NodePassLogger
 from nodepass.tunnel.relay import RelayProtocol
@@ -61,6 +63,9 @@ __all__ = [
 CONTROL_ID = "00000000"
 ID_READ_TIMEOUT = 60.0
 STEP = 0.1
+#: How long / how many idle connections closed by the peer stay findable by ID.
+DEAD_SECONDS = 10.0
+DEAD_KEEP = 1024
 
 
 class PoolError(Exception):
@@ -95,7 +100,7 @@ def set_keepalive(transport: Any, period: float) -> None:
 class PoolConnection(RelayProtocol):
     """One pool connection; after its ID phase it is an ordinary relay endpoint."""
 
-    def __init__(self, pool: "_PoolBase", is_server: bool, tls: bool) -> None:
+    def __init__(self, pool: _PoolBase, is_server: bool, tls: bool) -> None:
         super().__init__()
         self.pool = pool
         self.is_server = is_server
@@ -104,7 +109,8 @@ class PoolConnection(RelayProtocol):
         self.in_use = False
         self._id_buf = b""
         self._id_timer: Any = None
-        self._on_id: Optional[Callable[["PoolConnection"], None]] = None
+        self._on_id: Callable[[PoolConnection], None] | None = None
+        self._peer_fp = ""
 
     # -- server side ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -115,13 +121,22 @@ class PoolConnection(RelayProtocol):
                 return
             if not self.tls:
                 self.pool._assign(self)
+            else:
+                # A TLS handshake that never completes must not hold a socket forever.
+                self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
         else:
             assert isinstance(self.pool, ClientPool)
             set_keepalive(self.transport, self.pool.keepalive)
             self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
 
     def handshakeCompleted(self) -> None:
-        if self.is_server and not self.lost and not self.id:
+        if not self.is_server:
+            self._peer_fp = self._read_peer_fingerprint()
+            return
+        if self._id_timer is not None and self._id_timer.active():
+            self._id_timer.cancel()
+        self._id_timer = None
+        if not self.lost and not self.id:
             assert isinstance(self.pool, ServerPool)
             self.pool._assign(self)
 
@@ -152,7 +167,7 @@ class PoolConnection(RelayProtocol):
                 return
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._id_timer is not None and self._id_timer.active():
             self._id_timer.cancel()
         self._id_timer = None
@@ -160,7 +175,13 @@ class PoolConnection(RelayProtocol):
         self.pool._lost(self)
 
     def peer_fingerprint(self) -> str:
-        """Fingerprint of the peer's TLS certificate on this connection ("" if none)."""
+        """Fingerprint of the peer's TLS certificate on this connection ("" if none),
+        as seen when its handshake completed."""
+        if self._peer_fp:
+            return self._peer_fp
+        return self._read_peer_fingerprint()
+
+    def _read_peer_fingerprint(self) -> str:
         from nodepass.tls import fingerprint_of_x509
 
         t = self.transport
@@ -177,12 +198,12 @@ class PoolConnection(RelayProtocol):
 
 
 class _Factory(Factory):
-    def __init__(self, pool: "_PoolBase", is_server: bool, tls: bool) -> None:
+    def __init__(self, pool: _PoolBase, is_server: bool, tls: bool) -> None:
         self.pool = pool
         self.is_server = is_server
         self.tls = tls
 
-    def buildProtocol(self, addr: IAddress) -> PoolConnection:
+    def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
         p = PoolConnection(self.pool, self.is_server, self.tls)
         p.factory = self
         return p
@@ -197,10 +218,11 @@ class _PoolBase:
         self.max_cap = max(1, max_cap)
         self.keepalive = keepalive
         self.closed = False
-        self._idle: "OrderedDict[str, PoolConnection]" = OrderedDict()
+        self._idle: OrderedDict[str, PoolConnection] = OrderedDict()
         self._any_waiters: list[defer.Deferred[tuple[str, PoolConnection]]] = []
         self._id_waiters: dict[str, list[defer.Deferred[PoolConnection]]] = {}
         self._errors = 0
+        self._dead: OrderedDict[str, tuple[float, PoolConnection]] = OrderedDict()
 
     # -- counters --------------------------------------------------------------
     @property
@@ -253,15 +275,27 @@ class _PoolBase:
     def _lost(self, conn: PoolConnection) -> None:
         if conn.id and self._idle.get(conn.id) is conn:
             del self._idle[conn.id]
+            self.logger.debug("Tunnel pool: idle %s closed: %s", conn.id, conn.lost_reason)
+            # The peer may close a connection right after naming it in a signal
+            # (verify does); its close can overtake the signal.  Keep it
+            # findable by ID for a while, as a pool that never reads idle
+            # connections would.
+            now = self.reactor.seconds()
+            self._dead[conn.id] = (now, conn)
+            while self._dead:
+                first = next(iter(self._dead.values()))
+                if len(self._dead) <= DEAD_KEEP and now - first[0] <= DEAD_SECONDS:
+                    break
+                self._dead.popitem(last=False)
 
-    def _take(self, conn_id: str) -> Optional[PoolConnection]:
+    def _take(self, conn_id: str) -> PoolConnection | None:
         conn = self._idle.pop(conn_id, None)
         if conn is not None:
             conn.in_use = True
         return conn
 
     # -- API -------------------------------------------------------------------
-    def incoming_get(self, timeout: float) -> "defer.Deferred[tuple[str, PoolConnection]]":
+    def incoming_get(self, timeout: float) -> defer.Deferred[tuple[str, PoolConnection]]:
         """The oldest idle connection (never the control one), waiting up to ``timeout``."""
         if self.closed:
             return defer.fail(PoolError("IncomingGet: pool closed"))
@@ -283,13 +317,16 @@ class _PoolBase:
         d.addBoth(_cancel_call(call))
         return d
 
-    def outgoing_get(self, conn_id: str, timeout: float) -> "defer.Deferred[PoolConnection]":
+    def outgoing_get(self, conn_id: str, timeout: float) -> defer.Deferred[PoolConnection]:
         """The connection named ``conn_id``, waiting up to ``timeout`` for it to arrive."""
         if self.closed:
             return defer.fail(PoolError("OutgoingGet: pool closed"))
         conn = self._take(conn_id)
         if conn is not None:
             return defer.succeed(conn)
+        dead = self._dead.pop(conn_id, None)
+        if dead is not None:
+            return defer.succeed(dead[1])
         d: defer.Deferred[PoolConnection] = defer.Deferred()
         self._id_waiters.setdefault(conn_id, []).append(d)
 
@@ -309,6 +346,7 @@ class _PoolBase:
         """Close every idle connection."""
         idle = list(self._idle.values())
         self._idle.clear()
+        self._dead.clear()
         for conn in idle:
             conn.abort()
 
@@ -360,10 +398,10 @@ class ServerPool(_PoolBase):
         self._first = True
         self._conns: set[PoolConnection] = set()
         plain = _Factory(self, True, tls is not None)
-        self._factory: Factory = TLSMemoryBIOFactory(tls, False, plain) if tls is not None else plain
+        self._factory: Any = TLSMemoryBIOFactory(tls, False, plain) if tls is not None else plain
 
     def factory(self) -> Factory:
-        return self._factory
+        return self._factory  # type: ignore[no-any-return]
 
     def _admit(self, conn: PoolConnection) -> bool:
         if self.closed:
@@ -395,6 +433,7 @@ class ServerPool(_PoolBase):
                     break
         conn.id = raw.hex()
         conn.transport.write(raw)  # type: ignore[union-attr]
+        self.logger.debug("Tunnel pool: id %s -> %s", conn.id, _peer(conn))
         self._enqueue(conn)
 
     def _early_data(self, conn: PoolConnection) -> None:
@@ -415,6 +454,14 @@ class ServerPool(_PoolBase):
         for conn in list(self._conns):
             if not conn.in_use:
                 conn.abort()
+
+
+def _peer(conn: PoolConnection, local: bool = False) -> str:
+    t = conn.transport
+    if t is None:
+        return "?"
+    addr = t.getHost() if local else t.getPeer()
+    return f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
 
 
 def _norm_ip(host: str) -> str:
@@ -466,6 +513,9 @@ class ClientPool(_PoolBase):
         self._timer: Any = None
         self._running = False
         self._pending: set[PoolConnection] = set()
+        self._connectors: set[Any] = set()
+        #: Why the most recent pool connection attempt failed ("" if none did).
+        self.last_error = ""
 
     # -- refill loop -------------------------------------------------------------
     def start(self) -> None:
@@ -514,21 +564,32 @@ class ClientPool(_PoolBase):
         if not self.closed:
             self._timer = self.reactor.callLater(self.interval, self._round)
 
-    def _create(self) -> "defer.Deferred[bool]":
+    def _create(self) -> defer.Deferred[bool]:
         """Dial one pool connection; fires True once it holds an ID."""
         d: defer.Deferred[bool] = defer.Deferred()
         pool = self
 
         class F(ClientFactory):
-            def buildProtocol(self, addr: IAddress) -> PoolConnection:
+            def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
                 p = PoolConnection(pool, False, pool.tls_creator is not None)
-                p._on_id = lambda c: (not d.called) and d.callback(True)
-                p.when_lost().addCallback(lambda _r: (not d.called) and d.callback(False))
+
+                def got_id(_c: PoolConnection) -> None:
+                    if not d.called:
+                        d.callback(True)
+
+                def lost(reason: str) -> None:
+                    if not d.called:
+                        pool.last_error = f"connection closed before its ID arrived: {reason}"
+                        d.callback(False)
+
+                p._on_id = got_id
+                p.when_lost().addCallback(lost)
                 pool._pending.add(p)
                 return p
 
             def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
                 if not d.called:
+                    pool.last_error = f"dial tcp {pool.host}:{pool.port}: {reason.getErrorMessage()}"
                     d.callback(False)
 
         factory: Any = F()
@@ -538,7 +599,14 @@ class ClientPool(_PoolBase):
             if self._connect is not None:
                 self._connect(factory)
             else:
-                self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
+                connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
+                self._connectors.add(connector)
+
+                def forget(result: bool) -> bool:
+                    self._connectors.discard(connector)
+                    return result
+
+                d.addCallback(forget)
         except Exception:
             if not d.called:
                 d.callback(False)
@@ -551,6 +619,7 @@ class ClientPool(_PoolBase):
             return
         cb = conn._on_id
         conn._on_id = None
+        self.logger.debug("Tunnel pool: id %s <- %s", conn.id, _peer(conn, local=True))
         self._enqueue(conn)
         if cb is not None:
             cb(conn)
@@ -567,3 +636,7 @@ class ClientPool(_PoolBase):
         for conn in list(self._pending):
             conn.abort()
         self._pending.clear()
+        for connector in list(self._connectors):
+            if getattr(connector, "state", "") == "connecting":
+                connector.stopConnecting()
+        self._connectors.clear()

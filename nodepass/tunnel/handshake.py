@@ -27,14 +27,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Callable, Optional
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
@@ -134,7 +135,7 @@ class HandshakeServerProtocol(Protocol):
         reactor: Any,
         logger: NodePassLogger,
         timeout: float,
-        authorize: Callable[[str], Optional[TunnelConfig]],
+        authorize: Callable[[str], TunnelConfig | None],
     ) -> None:
         self.key = key
         self.reactor = reactor
@@ -162,7 +163,7 @@ class HandshakeServerProtocol(Protocol):
         self.logger.warn("Tunnel handshake from %s timed out after %gs: closed", self.peer, self.timeout)
         self._finish(_error(408) if self._buf else None)
 
-    def _finish(self, data: Optional[bytes]) -> None:
+    def _finish(self, data: bytes | None) -> None:
         self._done = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -176,7 +177,7 @@ class HandshakeServerProtocol(Protocol):
         if not self._done:
             self._finish(None)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -261,7 +262,7 @@ def build_request(key: str, host: str) -> bytes:
         f"Authorization: Bearer {auth_token(key)}\r\n"
         "Accept-Encoding: gzip\r\n"
         "\r\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def parse_response(data: bytes) -> TunnelConfig:
@@ -326,7 +327,7 @@ def _dechunk(body: bytes) -> bytes:
 
 
 class _ClientProtocol(Protocol):
-    def __init__(self, request: bytes, done: "defer.Deferred[bytes]") -> None:
+    def __init__(self, request: bytes, done: defer.Deferred[bytes]) -> None:
         self.request = request
         self.done = done
         self.buf = b""
@@ -354,12 +355,12 @@ class _ClientProtocol(Protocol):
                     self.transport.loseConnection()  # type: ignore[union-attr]
                 return
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             if self.buf:
                 self.done.callback(self.buf)
             else:
-                msg = str(reason.value) if not reason.check(ConnectionDone) else "EOF"
+                msg = str(reason.value) if not isinstance(reason.value, ConnectionDone) else "EOF"
                 self.done.errback(HandshakeError(f"tunnelHandshake: {msg}"))
 
 
@@ -372,19 +373,30 @@ def client_handshake(
     server_name: str,
     timeout: float,
     tls_creator: Any = None,
-) -> "defer.Deferred[TunnelConfig]":
+) -> defer.Deferred[TunnelConfig]:
     """Send the handshake to ``host:port`` and return the server's TunnelConfig.
 
     The whole exchange (connect, request, response) must finish within
     ``timeout`` seconds.  ``tls_creator`` wraps the connection in TLS (used
-    when the tunnel port is 443, as NodePass does).
+    when the tunnel port is 443, as NodePass does).  Cancelling the returned
+    Deferred aborts the attempt.
     """
-    raw: defer.Deferred[bytes] = defer.Deferred()
-    request = build_request(key, server_name)
     protos: list[_ClientProtocol] = []
+    handles: list[Any] = []
+
+    def cancel(_d: defer.Deferred[bytes]) -> None:
+        for p in protos:
+            if p.transport is not None:
+                p.transport.abortConnection()  # type: ignore[attr-defined]
+        for connector in handles:
+            if getattr(connector, "state", "") == "connecting":
+                connector.stopConnecting()
+
+    raw: defer.Deferred[bytes] = defer.Deferred(cancel)
+    request = build_request(key, server_name)
 
     class F(ClientFactory):
-        def buildProtocol(self, addr: IAddress) -> Protocol:
+        def buildProtocol(self, addr: IAddress | None) -> Protocol:
             p = _ClientProtocol(request, raw)
             protos.append(p)
             return p
@@ -399,6 +411,7 @@ def client_handshake(
 
         factory = TLSMemoryBIOFactory(tls_creator, True, factory)
     connector = reactor.connectTCP(host, port, factory, timeout=max(timeout, 0.1))
+    handles.append(connector)
 
     def expire() -> None:
         if not raw.called:

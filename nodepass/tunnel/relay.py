@@ -16,9 +16,11 @@ them.
 * bytes read from / written to the ``counted`` side are added to
   ``stats.tcprx`` / ``stats.tcptx`` (the user connection on the ingress side,
   the target connection on the egress side; pool connections never count);
-* when a :class:`Throttle` is given, every chunk read from or written to the
-  counted side is charged with ``throttle.consume(n, producer)``, where the
-  producer is the reading side, so the rate limit pauses reading;
+* when a :class:`Throttle` is given, every chunk read from the counted side is
+  charged with ``throttle.consume(n, producer, "read")`` and every chunk
+  written to it with ``throttle.consume(n, producer, "write")``, where the
+  producer is the side the chunk was read from, so the rate limit pauses
+  reading;
 * ``read_timeout`` > 0 closes the exchange once both directions have been
   idle for that long (Go: each direction stops after that idle time, and the
   exchange ends when both have stopped);
@@ -32,12 +34,22 @@ ended the exchange) once both connections are closed; callers log it as
 
 A third use is the control channel: :meth:`RelayProtocol.set_sink` routes the
 incoming bytes to any callable instead of a peer connection.
+
+Typical use (inside ``inlineCallbacks``)::
+
+    # ``user`` is the RelayProtocol an accepting factory built
+    target = yield policy.connect_tcp(Factory.forProtocol(RelayProtocol))
+    reason = yield join(user, target, reactor=reactor, stats=stats, counted=user,
+                        throttle=policy.throttle, read_timeout=policy.read_timeout)
+    logger.info("Exchange complete: %s", reason)
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -47,7 +59,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -61,7 +73,9 @@ DEFAULT_BUFFER_LIMIT = 256 * 1024
 class ThrottleLike(TypingProtocol):
     """What the relay needs from a rate limiter (see nodepass.datapath.ratelimit)."""
 
-    def consume(self, nbytes: int, producer: IPushProducer) -> None: ...
+    def consume(self, nbytes: int, producer: IPushProducer | None, direction: str = "read") -> None: ...
+
+    def forget(self, producer: IPushProducer) -> None: ...
 
 
 def set_nodelay(transport: Any) -> None:
@@ -79,8 +93,8 @@ def set_nodelay(transport: Any) -> None:
         seen += 1
 
 
-def _reason_text(reason: Optional[Failure]) -> str:
-    if reason is None or reason.check(ConnectionDone):
+def _reason_text(reason: Failure | None) -> str:
+    if reason is None or isinstance(reason.value, ConnectionDone):
         return "EOF"
     value = reason.value
     text = str(value).strip()
@@ -95,7 +109,7 @@ class _Gate:
     hold their own flag; the transport reads again only when no flag is set.
     """
 
-    def __init__(self, owner: "RelayProtocol", reason: str) -> None:
+    def __init__(self, owner: RelayProtocol, reason: str) -> None:
         self._owner = owner
         self._reason = reason
 
@@ -120,13 +134,13 @@ class RelayProtocol(Protocol):
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
 
     def __init__(self) -> None:
-        self.transport: Optional[ITransport] = None  # type: ignore[assignment]
+        self.transport: ITransport | None = None
         self.lost: bool = False
         self.lost_reason: str = ""
         self._buf: list[bytes] = []
         self._buf_len = 0
-        self._sink: Optional[Callable[[bytes], None]] = None
-        self._on_eof: Optional[Callable[[], None]] = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._on_eof: Callable[[], None] | None = None
         self._lost_waiters: list[defer.Deferred[str]] = []
         self._peekers: list[tuple[int, defer.Deferred[bytes], Any]] = []
         self._pause_reasons: set[str] = set()
@@ -175,7 +189,7 @@ class RelayProtocol(Protocol):
         if self._read_eof and self.transport is not None:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.lost_reason = _reason_text(reason)
         for _n, d, call in self._peekers:
@@ -184,11 +198,11 @@ class RelayProtocol(Protocol):
             d.callback(b"".join(self._buf))
         self._peekers = []
         waiters, self._lost_waiters = self._lost_waiters, []
-        for d in waiters:
-            d.callback(self.lost_reason)
+        for w in waiters:
+            w.callback(self.lost_reason)
 
     # -- API -----------------------------------------------------------------
-    def when_lost(self) -> "defer.Deferred[str]":
+    def when_lost(self) -> defer.Deferred[str]:
         """A Deferred fired with the reason text when this connection ends."""
         if self.lost:
             return defer.succeed(self.lost_reason)
@@ -200,7 +214,7 @@ class RelayProtocol(Protocol):
         """Bytes received but not yet delivered to a sink (not consumed)."""
         return b"".join(self._buf)
 
-    def peek(self, nbytes: int, timeout: float, reactor: IReactorTime) -> "defer.Deferred[bytes]":
+    def peek(self, nbytes: int, timeout: float, reactor: IReactorTime) -> defer.Deferred[bytes]:
         """Wait until ``nbytes`` are buffered, the connection ends, or ``timeout``
         seconds pass; fire with the buffered bytes (possibly fewer or empty).
         Nothing is consumed: the bytes are delivered later as usual."""
@@ -232,7 +246,7 @@ class RelayProtocol(Protocol):
                 keep.append((n, d, call))
         self._peekers = keep
 
-    def set_sink(self, sink: Optional[Callable[[bytes], None]]) -> None:
+    def set_sink(self, sink: Callable[[bytes], None] | None) -> None:
         """Deliver incoming bytes to ``sink`` (buffered bytes first); None buffers again."""
         self._sink = sink
         if sink is None:
@@ -245,8 +259,17 @@ class RelayProtocol(Protocol):
         self._resume("buffer")
 
     def close(self) -> None:
-        """Close after flushing pending writes."""
+        """Close after flushing pending writes.
+
+        A registered producer is dropped first: a TLS transport would
+        otherwise wait for it before shutting down."""
         if not self.lost and self.transport is not None:
+            unregister = getattr(self.transport, "unregisterProducer", None)
+            if unregister is not None:
+                try:
+                    unregister()
+                except Exception:
+                    pass
             self.transport.loseConnection()
 
     def abort(self) -> None:
@@ -277,12 +300,12 @@ def join(
     b: RelayProtocol,
     *,
     reactor: IReactorTime,
-    stats: Optional[TunnelStats] = None,
-    counted: Optional[RelayProtocol] = None,
-    throttle: Optional[ThrottleLike] = None,
+    stats: TunnelStats | None = None,
+    counted: RelayProtocol | None = None,
+    throttle: ThrottleLike | None = None,
     read_timeout: float = 0.0,
     half_close: bool = False,
-) -> "defer.Deferred[str]":
+) -> defer.Deferred[str]:
     """Pipe ``a`` and ``b`` together until both are closed.
 
     :param counted: the side (``a`` or ``b``) whose bytes count as tcprx (read
@@ -311,7 +334,8 @@ def join(
         dst_transport = dst.transport
         count_rx = stats is not None and src is counted
         count_tx = stats is not None and dst is counted
-        charge = throttle is not None and (src is counted or dst is counted)
+        charge_read = throttle is not None and src is counted
+        charge_write = throttle is not None and dst is counted
         gate = src.throttle_gate
         key = id(src)
         track = read_timeout > 0
@@ -326,8 +350,10 @@ def join(
                 dst_transport.write(data)
                 if count_tx:
                     stats.tcptx += n  # type: ignore[union-attr]
-            if charge:
-                throttle.consume(n, gate)  # type: ignore[union-attr]
+            if charge_read:
+                throttle.consume(n, gate, "read")  # type: ignore[union-attr]
+            elif charge_write:
+                throttle.consume(n, gate, "write")  # type: ignore[union-attr]
 
         return sink
 
@@ -336,6 +362,8 @@ def join(
             if not first_reason or (first_reason[0] == "EOF" and reason != "EOF"):
                 first_reason[:] = [reason]
             other.close()
+            if throttle is not None:
+                throttle.forget(side.throttle_gate)
             if a.lost and b.lost and not finished[0]:
                 finished[0] = True
                 if timer[0] is not None and timer[0].active():

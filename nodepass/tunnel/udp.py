@@ -2,7 +2,10 @@
 
 NodePass gives UDP no framing on a pool connection: every datagram is one
 write of its raw bytes, and every read of at most ``udp_data_buf_size`` bytes
-from the pool connection is sent on as one datagram.
+from the pool connection is sent on as one datagram.  On a TLS pool each
+datagram is one TLS record and arrives whole; on a plain TCP pool a burst of
+datagrams may leave in one segment and arrive merged, exactly as with
+NodePass itself (pool connections run with ``TCP_NODELAY``).
 
 Usage from a dual-end tunnel core::
 
@@ -10,8 +13,8 @@ Usage from a dual-end tunnel core::
     ingress = UdpIngress(
         reactor=reactor, logger=logger, settings=settings, stats=stats,
         policy=policy, listen=config.targets[0],
-        acquire=lambda: pool.get_idle(),            # -> Deferred[(conn_id, PoolLink)]
-        send_signal=lambda remote, conn_id: control.send("udp", remote=remote, id=conn_id),
+        acquire=lambda: pool.incoming_get(timeout),  # -> Deferred[(conn_id, PoolConnection)]
+        send_signal=lambda remote, conn_id: send(Signal("udp", remote=remote, id=conn_id)),
     )
     ingress.start()                 # binds the UDP socket; raises CannotListenError
     ...
@@ -20,8 +23,8 @@ Usage from a dual-end tunnel core::
     # egress side (dials targets), on each ``udp`` signal:
     egress = UdpEgress(reactor=reactor, logger=logger, settings=settings,
                        stats=stats, policy=policy)
-    link = ...take pool connection signal["id"]...  # a PoolLink
-    egress.open(signal["remote"], link)             # Deferred fires when that link is done
+    conn = yield pool.outgoing_get(signal.id, timeout)  # a PoolConnection
+    egress.open(signal.remote, conn)                # Deferred fires when that link is done
     ...
     egress.stop()
 
@@ -37,9 +40,11 @@ and gives it back exactly once with ``policy.release("udp")``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol as TypingProtocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
@@ -49,7 +54,7 @@ from zope.interface import implementer
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.relay import RelayProtocol, set_nodelay
 
 __all__ = [
     "PoolLink",
@@ -92,9 +97,7 @@ def _is_ipv6(host: str) -> bool:
     return ":" in host
 
 
-def listen_udp(
-    reactor: Any, host: str, port: int, protocol: DatagramProtocol, max_packet: int
-) -> Any:
+def listen_udp(reactor: Any, host: str, port: int, protocol: DatagramProtocol, max_packet: int) -> Any:
     """Bind a UDP socket on ``host:port`` for *protocol* and return the port.
 
     An empty host means every interface; dual-stack ``::`` is tried first and
@@ -124,7 +127,7 @@ def _split(data: bytes, size: int) -> list[bytes]:
 class _GateHandle:
     """One reason to pause a :class:`PauseGate`; an ``IPushProducer`` for it."""
 
-    def __init__(self, gate: "PauseGate") -> None:
+    def __init__(self, gate: PauseGate) -> None:
         self._gate = gate
         self.paused = False
 
@@ -228,18 +231,23 @@ class Throttling(TypingProtocol):
 
     def consume(self, nbytes: int, producer: Any | None, direction: str = "read") -> None: ...
 
+    def forget(self, producer: Any) -> None: ...
+
 
 class UdpPolicy(TypingProtocol):
     """The part of ``nodepass.datapath.policy.DataPolicy`` that UDP uses."""
 
-    throttle: Any  # Throttling | None
-    bind_ip: str
+    @property
+    def throttle(self) -> Any: ...  # Throttling | None
+
+    @property
+    def bind_ip(self) -> str: ...
 
     def admit(self, kind: Any, peer: str) -> bool: ...
 
     def release(self, kind: Any) -> None: ...
 
-    def udp_target(self) -> "defer.Deferred[tuple[str, int]]": ...
+    def udp_target(self) -> defer.Deferred[tuple[str, int]]: ...
 
 
 class PoolLink:
@@ -251,6 +259,8 @@ class PoolLink:
 
     def __init__(self, conn: RelayProtocol) -> None:
         self.conn = conn
+        set_nodelay(conn.transport)
+        self._direct = isinstance(conn.transport, tcp.Connection)
 
     def bind(self, on_data: Callable[[bytes], None], on_closed: Callable[[str], None]) -> None:
         """Deliver received bytes (first those already buffered) and, once, the end reason."""
@@ -270,10 +280,23 @@ class PoolLink:
         return self.conn.lost
 
     def write(self, data: bytes) -> None:
-        """Send *data* with one write (dropped once the connection has ended)."""
+        """Send *data* as one datagram (dropped once the connection has ended).
+
+        On a plain TCP transport with nothing queued the bytes go to the
+        socket at once, one send per datagram as NodePass does, instead of
+        being merged with the next datagrams in the transport's buffer; the
+        rest (or everything, on TLS and other transports) is written normally.
+        """
         transport: Any = self.conn.transport
-        if not self.conn.lost and transport is not None:
-            transport.write(data)
+        if self.conn.lost or transport is None:
+            return
+        if self._direct and _idle_tcp(transport):
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent >= len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
 
     def close(self) -> None:
         """Close after pending writes are flushed (idempotent)."""
@@ -292,6 +315,21 @@ class PoolLink:
                 transport.registerProducer(producer, True)  # type: ignore[attr-defined]
             except RuntimeError:
                 pass
+
+
+def _idle_tcp(transport: Any) -> bool:
+    """True when a plain TCP transport (no TLS started on it) is open and has no bytes queued."""
+    try:
+        return bool(
+            not getattr(transport, "TLS", False)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and transport._tempDataLen == 0
+            and len(transport.dataBuffer) == transport.offset
+        )
+    except AttributeError:
+        return False
 
 
 def as_link(conn: object) -> PoolLink:
@@ -373,12 +411,14 @@ class TargetSocket(DatagramProtocol):
             self._stats.udptx += len(data)
         return True
 
-    def close(self) -> "defer.Deferred[None]":
+    def close(self) -> defer.Deferred[None]:
         """Close the socket (idempotent)."""
         if self.closed or self.transport is None:
             self.closed = True
             return defer.succeed(None)
         self.closed = True
+        if self._throttle is not None and self._throttle_handle is not None:
+            self._throttle.forget(self._throttle_handle)
         port: Any = self.transport
         result = port.stopListening()
         return result if isinstance(result, defer.Deferred) else defer.succeed(None)
@@ -395,8 +435,8 @@ def open_target_socket(
     connect it to *target* (an IP literal and port).
 
     When binding to the configured source IP fails, the system's choice is
-    used instead from then on and an ERROR is logged (``dial`` fallback).  Raises ``OSError``/``CannotListenError``
-    when even that fails.
+    used instead from then on and an ERROR is logged (``dial`` fallback).
+    Raises ``OSError``/``CannotListenError`` when even that fails.
     """
     host, port = target
     family_any = "::" if _is_ipv6(host) else "0.0.0.0"
@@ -434,7 +474,7 @@ def open_target_socket(
 class _IngressSession:
     """One user peer on the ingress side: its pool connection and idle timer."""
 
-    def __init__(self, owner: "UdpIngress", key: str, addr: tuple[str, int]) -> None:
+    def __init__(self, owner: UdpIngress, key: str, addr: tuple[str, int]) -> None:
         self.owner = owner
         self.key = key
         self.addr = addr
@@ -534,12 +574,14 @@ class _IngressSession:
         if self.write_handle is not None and owner._gate is not None:
             owner._gate.release(self.write_handle)
         if self.link is not None:
+            if owner._throttle is not None:
+                owner._throttle.forget(self.link.reader)
             owner._logger.debug("Tunnel connection: closed %s (%s)", self.conn_id, reason)
             self.link.close()
 
 
 class _IngressProtocol(DatagramProtocol):
-    def __init__(self, owner: "UdpIngress") -> None:
+    def __init__(self, owner: UdpIngress) -> None:
         self.owner = owner
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
@@ -567,7 +609,7 @@ class UdpIngress:
         stats: TunnelStats,
         policy: UdpPolicy,
         listen: Any,
-        acquire: Callable[[], "defer.Deferred[tuple[str, Any]]"],
+        acquire: Callable[[], defer.Deferred[tuple[str, Any]]],
         send_signal: Callable[[str, str], None],
     ) -> None:
         """*listen* is a ``HostPort`` (``host``/``port``) or a ``(host, port)`` tuple."""
@@ -612,7 +654,7 @@ class UdpIngress:
         self._gate = _port_gate(self._udp_port)
         self._read_handle = self._gate.handle()
 
-    def stop(self) -> "defer.Deferred[None]":
+    def stop(self) -> defer.Deferred[None]:
         """Close every session and the socket; fires when the socket is closed."""
         for session in list(self._sessions.values()):
             session.close("stopped")
@@ -658,14 +700,14 @@ class UdpIngress:
 class _EgressSession:
     """The target socket for one remote peer, shared by the links that carry it."""
 
-    def __init__(self, owner: "UdpEgress", remote: str) -> None:
+    def __init__(self, owner: UdpEgress, remote: str) -> None:
         self.owner = owner
         self.remote = remote
         self.sock: TargetSocket | None = None
-        self.ready: "defer.Deferred[TargetSocket]" = defer.Deferred()
+        self.ready: defer.Deferred[TargetSocket] = defer.Deferred()
         self.handlers: list[_EgressHandler] = []
         self.closed = False
-        self._waiters: list["defer.Deferred[TargetSocket]"] = []
+        self._waiters: list[defer.Deferred[TargetSocket]] = []
 
     def dial(self) -> None:
         owner = self.owner
@@ -702,10 +744,10 @@ class _EgressSession:
         self.owner._logger.error("udp egress: dial failed: %s", failure.getErrorMessage())
         self.close()
 
-    def when_ready(self) -> "defer.Deferred[TargetSocket]":
+    def when_ready(self) -> defer.Deferred[TargetSocket]:
         if self.sock is not None:
             return defer.succeed(self.sock)
-        waiter: "defer.Deferred[TargetSocket]" = defer.Deferred()
+        waiter: defer.Deferred[TargetSocket] = defer.Deferred()
         self._waiters.append(waiter)
         return waiter
 
@@ -719,7 +761,7 @@ class _EgressSession:
         self.owner._logger.error("udp egress: %s: %s", self.remote, reason)
         self.close()
 
-    def detach(self, handler: "_EgressHandler") -> None:
+    def detach(self, handler: _EgressHandler) -> None:
         if handler in self.handlers:
             self.handlers.remove(handler)
 
@@ -748,7 +790,7 @@ class _EgressHandler:
         self.session = session
         self.link = link
         self.creator = creator
-        self.done: "defer.Deferred[None]" = defer.Deferred()
+        self.done: defer.Deferred[None] = defer.Deferred()
         self.finished = False
         self.sock: TargetSocket | None = None
         self.timers: list[IdleTimer] = []
@@ -796,9 +838,7 @@ class _EgressHandler:
         self.link.write(datagram)
 
     def _idle(self, direction: str) -> None:
-        self.session.owner._logger.debug(
-            "UDP session abort: %s idle from %s", self.session.remote, direction
-        )
+        self.session.owner._logger.debug("UDP session abort: %s idle from %s", self.session.remote, direction)
         self.finish("idle")
 
     def finish(self, reason: str = "done") -> None:
@@ -811,6 +851,9 @@ class _EgressHandler:
         if self._write_handle is not None and self.sock is not None and self.sock.gate is not None:
             self.sock.gate.release(self._write_handle)
         self.session.detach(self)
+        throttle = self.session.owner._throttle
+        if throttle is not None:
+            throttle.forget(self._reader)
         self.link.close()
         if self.creator:
             self.session.close()
@@ -852,7 +895,7 @@ class UdpEgress:
         """Number of live target sockets."""
         return len(self._sessions)
 
-    def open(self, remote: str, conn: Any) -> "defer.Deferred[None]":
+    def open(self, remote: str, conn: Any) -> defer.Deferred[None]:
         """Carry *remote*'s datagrams over pool connection *conn* (a :class:`PoolLink`).
 
         Returns a Deferred that fires (with ``None``) when this link is done;
@@ -878,11 +921,10 @@ class UdpEgress:
             session.dial()
         return handler.done
 
-    def stop(self) -> "defer.Deferred[None]":
+    def stop(self) -> defer.Deferred[None]:
         """End every link and session."""
         for handler in list(self._handlers):
             handler.finish("stopped")
         for session in list(self._sessions.values()):
             session.close()
         return defer.succeed(None)
-

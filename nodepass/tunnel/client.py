@@ -1,0 +1,112 @@
+"""The client end of a dual-end session.
+
+Start sequence (one session): send the HTTP handshake to the tunnel address
+(``handshake_timeout`` for the whole exchange; https only when the tunnel
+port is ``443``), adopt ``flow``/``max``/``tls``/``type`` from the answer,
+start the client pool (``min`` from the URL, ``max`` from the server, TLS as
+the server said), take connection ``00000000`` as the control channel, and
+with flow ``+`` listen on the first target address as the ingress side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from nodepass.pool.tcp import ClientPool
+from nodepass.tls import client_connection_creator
+from nodepass.tunnel.handshake import HandshakeError, TunnelConfig, client_handshake
+from nodepass.tunnel.server import POOL_TYPE_NAMES, DualEndSession, SessionError, _err_text, _listen_err
+
+__all__ = ["ClientSession"]
+
+
+class ClientSession(DualEndSession):
+    """One run of the dual-end client start sequence."""
+
+    role = "client"
+    step_prefix = "commonStart: "
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tunnel_config: TunnelConfig | None = None
+        self._handshake: defer.Deferred[TunnelConfig] | None = None
+
+    def stop(self, *, everything: bool = False) -> defer.Deferred[Any]:
+        if self._handshake is not None and not self._handshake.called:
+            self._handshake.cancel()
+        return super().stop(everything=everything)
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Run the start sequence; failures end up in :attr:`ended`."""
+        try:
+            yield self._start()
+        except SessionError as exc:
+            self.fail(str(exc))
+        except Exception as exc:
+            self.fail(f"commonStart: {_err_text(exc)}")
+
+    @defer.inlineCallbacks
+    def _start(self) -> Any:
+        cfg = self.config
+        self.stats.mode = 2
+        self.logger.info("Pending tunnel handshake...")
+        self.handshake_start = self.reactor.seconds()
+        https = cfg.tunnel.port_text == "443"
+        tls_creator = None
+        if https:
+            from twisted.internet import ssl
+
+            tls_creator = ssl.optionsForClientTLS(cfg.tunnel.host)
+        try:
+            self._handshake = client_handshake(
+                self.reactor,
+                host=cfg.tunnel.host or "127.0.0.1",
+                port=cfg.tunnel.port,
+                key=self.key,
+                server_name=cfg.server_name,
+                timeout=self.settings.handshake_timeout,
+                tls_creator=tls_creator,
+            )
+            tc = yield self._handshake
+        except HandshakeError as exc:
+            raise SessionError(f"commonStart: tunnelHandshake failed: {exc}") from None
+        if self.stopped:
+            return
+        self.tunnel_config = tc
+        self.flow = tc.flow
+        self.logger.info("Loading tunnel config: %s", tc.log_text())
+        if tc.flow not in ("+", "-"):
+            raise SessionError(f"commonStart: tunnelHandshake: unknown flow {tc.flow!r}")
+        if tc.type != "0":
+            try:
+                name = POOL_TYPE_NAMES.get(int(tc.type), "unknown")
+            except ValueError:
+                name = "unknown"
+            raise SessionError(
+                f"commonStart: initTunnelPool failed: pool type {tc.type} ({name}) is not supported yet"
+            )
+        self.tls_code = int(tc.tls) if tc.tls in ("1", "2") else 0
+        self.pool = ClientPool(
+            self.reactor,
+            self.logger,
+            min_cap=cfg.min,
+            max_cap=tc.max,
+            min_interval=self.settings.min_pool_interval,
+            max_interval=self.settings.max_pool_interval,
+            keepalive=self.settings.report_interval,
+            host=cfg.tunnel.host or "127.0.0.1",
+            port=cfg.tunnel.port,
+            dial_timeout=self.settings.tcp_dial_timeout,
+            tls_creator=client_connection_creator(self.tls_code, cfg.server_name),
+        )
+        self.pool.start()
+        self.logger.info("Getting tunnel pool ready...")
+        yield self._set_control()
+        if self.flow == "+":
+            try:
+                self._bind_ingress()
+            except Exception as exc:
+                raise SessionError(f"commonStart: initTargetListener failed: {_listen_err(exc)}") from None

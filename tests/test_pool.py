@@ -1,0 +1,234 @@
+"""Type-0 TCP pool: IDs on the wire, client IP filter, gets with timeouts, refill rules."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.trial import unittest
+
+from nodepass.log import NodePassLogger
+from nodepass.pool.tcp import CONTROL_ID, ClientPool, PoolError, ServerPool
+
+reactor: Any = _reactor
+
+
+@defer.inlineCallbacks
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> Any:
+    waited = 0.0
+    while not cond():
+        if waited > timeout:
+            raise AssertionError("condition not reached in time")
+        yield task.deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+def quiet() -> NodePassLogger:
+    return NodePassLogger("debug", stream=None)
+
+
+class RawReader(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+def raw_connect(port: int, bind: str | None = None) -> defer.Deferred[RawReader]:
+    d: defer.Deferred[RawReader] = defer.Deferred()
+    proto = RawReader()
+
+    class F(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            reactor.callLater(0, d.callback, proto)
+            return proto
+
+        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+            d.errback(reason)
+
+    kw: dict[str, Any] = {"bindAddress": (bind, 0)} if bind else {}
+    reactor.connectTCP("127.0.0.1", port, F(), **kw)
+    return d
+
+
+class ServerPoolTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.pool = ServerPool(reactor, quiet(), max_cap=8, client_ip="127.0.0.1", keepalive=1.0)
+        self.port = reactor.listenTCP(0, self.pool.factory(), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.pool.close)
+        self.portno = self.port.getHost().port
+        self.readers: list[RawReader] = []
+
+    def tearDown(self) -> Any:
+        for r in self.readers:
+            if r.transport is not None:
+                r.transport.abortConnection()
+        return defer.gatherResults([r.closed for r in self.readers])
+
+    @defer.inlineCallbacks
+    def connect(self, bind: str | None = None) -> Any:
+        r = yield raw_connect(self.portno, bind)
+        self.readers.append(r)
+        return r
+
+    @defer.inlineCallbacks
+    def test_first_id_is_control_then_random_4_bytes(self) -> Any:
+        r1 = yield self.connect()
+        yield wait_for(lambda: len(r1.data) == 4)
+        self.assertEqual(r1.data, b"\x00\x00\x00\x00")
+        r2 = yield self.connect()
+        yield wait_for(lambda: len(r2.data) == 4)
+        self.assertNotEqual(r2.data, b"\x00\x00\x00\x00")
+        yield wait_for(lambda: self.pool.active == 2)
+        self.assertTrue(self.pool.has(CONTROL_ID))
+        self.assertTrue(self.pool.has(r2.data.hex()))
+        # incoming_get never hands out the control connection.
+        cid, conn = yield self.pool.incoming_get(1.0)
+        self.assertEqual(cid, r2.data.hex())
+        ctl = yield self.pool.outgoing_get(CONTROL_ID, 1.0)
+        self.assertEqual(ctl.id, CONTROL_ID)
+        self.assertEqual(self.pool.active, 0)
+        conn.close()
+        ctl.close()
+
+    @defer.inlineCallbacks
+    def test_foreign_ip_refused(self) -> Any:
+        r = yield self.connect(bind="127.0.0.2")
+        yield r.closed
+        self.assertEqual(r.data, b"")
+        self.assertEqual(self.pool.active, 0)
+
+    @defer.inlineCallbacks
+    def test_idle_connection_closing_leaves_pool(self) -> Any:
+        r = yield self.connect()
+        yield wait_for(lambda: self.pool.active == 1)
+        r.transport.loseConnection()  # type: ignore[union-attr]
+        yield wait_for(lambda: self.pool.active == 0)
+
+    @defer.inlineCallbacks
+    def test_get_timeouts(self) -> Any:
+        yield self.assertFailure(self.pool.incoming_get(0.1), PoolError)
+        yield self.assertFailure(self.pool.outgoing_get("deadbeef", 0.1), PoolError)
+
+    @defer.inlineCallbacks
+    def test_outgoing_get_waits_for_arrival(self) -> Any:
+        d = self.pool.outgoing_get(CONTROL_ID, 5.0)
+        self.assertFalse(d.called)
+        yield self.connect()
+        conn = yield d
+        self.assertEqual(conn.id, CONTROL_ID)
+        conn.close()
+
+    @defer.inlineCallbacks
+    def test_max_capacity_drops_extra(self) -> Any:
+        for _ in range(10):
+            yield self.connect()
+        yield wait_for(lambda: self.pool.active == 8)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.pool.active, 8)
+        self.assertEqual(sum(1 for r in self.readers if len(r.data) == 4), 8)
+
+    @defer.inlineCallbacks
+    def test_flush_and_errors(self) -> Any:
+        for _ in range(3):
+            yield self.connect()
+        yield wait_for(lambda: self.pool.active == 3)
+        self.pool.add_error()
+        self.pool.add_error()
+        self.assertEqual(self.pool.error_count(), 2)
+        self.pool.flush()
+        self.assertEqual(self.pool.active, 0)
+        yield defer.gatherResults([r.closed for r in self.readers])
+        self.pool.reset_error()
+        self.assertEqual(self.pool.error_count(), 0)
+
+    @defer.inlineCallbacks
+    def test_strict_early_data_closes(self) -> Any:
+        self.pool.strict = True
+        yield self.connect()
+        r = yield self.connect()
+        yield wait_for(lambda: self.pool.active == 2)
+        r.transport.write(b"GET / HTTP/1.1\r\n\r\n")  # type: ignore[union-attr]
+        yield r.closed
+        yield wait_for(lambda: self.pool.active == 1)
+
+
+class ClientPoolTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_client_fills_and_matches_server_ids(self) -> Any:
+        server = ServerPool(reactor, quiet(), max_cap=16, client_ip="127.0.0.1")
+        port = reactor.listenTCP(0, server.factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = ClientPool(reactor, quiet(), min_cap=4, max_cap=16, min_interval=0.05, max_interval=0.2,
+                            keepalive=1.0, host="127.0.0.1", port=port.getHost().port)
+        self.addCleanup(client.close)
+        self.addCleanup(server.close)
+        client.start()
+        yield wait_for(lambda: client.active >= 4 and server.active >= 4)
+        self.assertTrue(client.has(CONTROL_ID))
+        # Ingress on the server, egress on the client: same ID, same connection pair.
+        cid, sconn = yield server.incoming_get(1.0)
+        cconn = yield client.outgoing_get(cid, 1.0)
+        got: list[bytes] = []
+        cconn.set_sink(got.append)
+        sconn.transport.write(b"ping-through-pool")
+        yield wait_for(lambda: b"".join(got) == b"ping-through-pool")
+        sconn.close()
+        yield cconn.when_lost()
+        client.close()
+        self.assertEqual(client.active, 0)
+
+    def test_adaptive_rules(self) -> None:
+        c = ClientPool(reactor, quiet(), min_cap=2, max_cap=5, min_interval=0.1, max_interval=0.5,
+                       keepalive=1.0, host="127.0.0.1", port=1)
+        self.assertEqual((c.capacity, c.interval), (2, 0.1))
+        c._adjust_capacity(2)  # ratio 1.0 > 0.8: grow
+        self.assertEqual(c.capacity, 3)
+        c._adjust_capacity(0)  # ratio 0 < 0.2: shrink
+        self.assertEqual(c.capacity, 2)
+        c._adjust_capacity(0)  # never below min
+        self.assertEqual(c.capacity, 2)
+        c.capacity = 5
+        c._adjust_capacity(5)  # never above max
+        self.assertEqual(c.capacity, 5)
+        # idle 0 < 20% of 5 and interval at min: stays; with idle > 80%: slower by 100 ms steps.
+        c._adjust_interval()
+        self.assertAlmostEqual(c.interval, 0.1)
+        c._idle.update({f"{i:08x}": None for i in range(5)})  # type: ignore[misc]
+        for _ in range(10):
+            c._adjust_interval()
+        self.assertAlmostEqual(c.interval, 0.5)
+        c._idle.clear()
+        c._adjust_interval()
+        self.assertAlmostEqual(c.interval, 0.4)
+
+    def test_swaps_min_max(self) -> None:
+        c = ClientPool(reactor, quiet(), min_cap=9, max_cap=3, min_interval=1.0, max_interval=0.1,
+                       keepalive=1.0, host="127.0.0.1", port=1)
+        self.assertEqual((c.min_cap, c.max_cap), (3, 9))
+        self.assertEqual((c.min_interval, c.max_interval), (0.1, 1.0))
+
+    @defer.inlineCallbacks
+    def test_id_never_arrives_is_bounded(self) -> Any:
+        """A server that accepts but never sends an ID does not add connections."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        self.addCleanup(silent.close)
+        client = ClientPool(reactor, quiet(), min_cap=2, max_cap=2, min_interval=0.05, max_interval=0.05,
+                            keepalive=1.0, host="127.0.0.1", port=silent.getsockname()[1])
+        client.start()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(client.active, 0)
+        client.close()
+        yield task.deferLater(reactor, 0.05, lambda: None)

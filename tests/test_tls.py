@@ -1,0 +1,160 @@
+"""TLS set-up: RAM certificate, file certificates with reload and fallback, fingerprints."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import tempfile
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.trial import unittest
+
+from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.tls import ServerTLS, client_connection_creator, fingerprint, self_signed_pem, server_tls
+
+
+def make_cert_files(directory: str, cn: str = "localhost", names: tuple[str, ...] = ("localhost",)) -> tuple[str, str, bytes]:
+    """Write a self-signed cert/key pair for ``names``; returns (crt path, key path, DER)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    crt_path = os.path.join(directory, "tls.crt")
+    key_path = os.path.join(directory, "tls.key")
+    with open(crt_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return crt_path, key_path, cert.public_bytes(serialization.Encoding.DER)
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.records: list[LogRecord] = []
+        self.logger = NodePassLogger("debug", stream=None)
+        self.logger.add_observer(self.records.append)
+
+    def lines(self, level: Level | None = None) -> list[str]:
+        return [r.text for r in self.records if level is None or r.level == level]
+
+
+class FingerprintTests(unittest.TestCase):
+    def test_format(self) -> None:
+        fp = fingerprint(b"hello")
+        digest = hashlib.sha256(b"hello").hexdigest().upper()
+        self.assertEqual(fp, "sha256:" + ":".join(digest[i:i + 2] for i in range(0, 64, 2)))
+        self.assertEqual(len(fp), 102)
+
+
+class RamCertTests(unittest.TestCase):
+    def test_self_signed_properties(self) -> None:
+        crt_pem, key_pem = self_signed_pem()
+        cert = x509.load_pem_x509_certificate(crt_pem)
+        self.assertIsInstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        self.assertEqual(cert.public_key().curve.name, "secp256r1")  # type: ignore[union-attr]
+        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value, "v1.14.0")
+        self.assertEqual(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME), [])
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertIn(ExtendedKeyUsageOID.SERVER_AUTH, list(eku))
+        self.assertEqual(self_signed_pem(), (crt_pem, key_pem))  # once per process
+
+    def test_code_1(self) -> None:
+        cap = Capture()
+        t = server_tls(1, "", "", logger=cap.logger)
+        assert t is not None
+        self.assertEqual(t.code, 1)
+        self.assertEqual(cap.lines(), ["TLS code-1: RAM cert with TLS 1.3"])
+        der = x509.load_pem_x509_certificate(self_signed_pem()[0]).public_bytes(serialization.Encoding.DER)
+        self.assertEqual(t.fingerprint, fingerprint(der))
+
+    def test_code_0_and_stream_pool(self) -> None:
+        cap = Capture()
+        self.assertIsNone(server_tls(0, "", "", logger=cap.logger))
+        self.assertEqual(cap.records[-1].level, Level.WARN)
+        self.assertEqual(cap.records[-1].text, "TLS code-0: unencrypted")
+        t = server_tls(0, "", "", pool_type=1, logger=cap.logger)
+        assert t is not None
+        self.assertEqual(t.code, 1)
+        self.assertEqual(cap.lines()[-1], "TLS code-1: RAM cert with TLS 1.3 for stream pool")
+
+
+class FileCertTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+
+    def test_code_2_loads_and_names_cn(self) -> None:
+        crt, key, der = make_cert_files(self.dir, cn="tunnel.example")
+        cap = Capture()
+        t = server_tls(2, crt, key, logger=cap.logger)
+        assert t is not None
+        self.assertEqual(t.code, 2)
+        self.assertEqual(t.fingerprint, fingerprint(der))
+        self.assertEqual(cap.lines(), ["TLS code-2: tunnel.example with TLS 1.3"])
+
+    def test_fallback_to_1(self) -> None:
+        cap = Capture()
+        t = server_tls(2, os.path.join(self.dir, "missing.crt"), os.path.join(self.dir, "missing.key"),
+                       logger=cap.logger)
+        assert t is not None
+        self.assertEqual(t.code, 1)
+        self.assertEqual(cap.records[0].level, Level.ERROR)
+        self.assertTrue(cap.records[0].text.startswith("Certificate load failed: "))
+        self.assertEqual((cap.records[1].level, cap.records[1].text),
+                         (Level.WARN, "TLS code-1: RAM cert with TLS 1.3"))
+
+    def test_garbage_file_falls_back(self) -> None:
+        crt = os.path.join(self.dir, "bad.crt")
+        with open(crt, "wb") as f:
+            f.write(b"not a certificate")
+        cap = Capture()
+        t = server_tls(2, crt, crt, logger=cap.logger)
+        assert t is not None
+        self.assertEqual(t.code, 1)
+
+    def test_reload_after_interval(self) -> None:
+        crt, key, der1 = make_cert_files(self.dir)
+        cap = Capture()
+        now = [1000.0]
+        from nodepass.tls import _load_pair
+
+        cert, pkey, der = _load_pair(crt, key)
+        t = ServerTLS(2, cert, pkey, der, crt_file=crt, key_file=key, reload_interval=60.0,
+                      clock=lambda: now[0], logger=cap.logger)
+        _crt2, _key2, der2 = make_cert_files(self.dir)  # overwrite the files
+        t.context()
+        self.assertEqual(t.fingerprint, fingerprint(der1))  # not yet due
+        now[0] += 61
+        t.context()
+        self.assertEqual(t.fingerprint, fingerprint(der2))
+        self.assertIn("TLS cert reloaded: " + crt, cap.lines(Level.DEBUG))
+        # A broken file keeps the last good certificate and logs the failure.
+        with open(crt, "wb") as f:
+            f.write(b"broken")
+        now[0] += 61
+        t.context()
+        self.assertEqual(t.fingerprint, fingerprint(der2))
+        self.assertTrue(any(x.startswith("Certificate reload failed: ") for x in cap.lines(Level.ERROR)))
+
+
+class ClientCreatorTests(unittest.TestCase):
+    def test_codes(self) -> None:
+        self.assertIsNone(client_connection_creator(0, "none"))
+        self.assertIsNotNone(client_connection_creator(1, "none"))
+        self.assertIsNotNone(client_connection_creator(2, "localhost"))
