@@ -230,21 +230,27 @@ def pct(values: list[float], p: float) -> float:
 # processes
 
 
-def free_port() -> int:
-    """A port free for TCP and UDP on 127.0.0.1."""
-    while True:
-        t = socket.socket()
-        t.bind(("127.0.0.1", 0))
-        port = t.getsockname()[1]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-            return int(port)
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
+def free_ports(count: int) -> list[int]:
+    """*count* distinct ports free for TCP and UDP on 127.0.0.1 (probes held until all are chosen)."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            t = socket.socket()
+            t.bind(("127.0.0.1", 0))
+            held.append(t)
+            port = int(t.getsockname()[1])
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held.append(u)
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
 
 
 def start_nodepass(url: str, log_dir: Path, name: str) -> subprocess.Popen[bytes]:
@@ -373,11 +379,10 @@ def main() -> int:
                 wait_ready(target_port, args.ready_timeout)
                 results["direct"] = measure(target_port, args.duration, args.rounds, args.repeat)
                 continue
-            user_port = free_port()
+            user_port, tunnel_port = free_ports(2)
             procs: list[subprocess.Popen[bytes]] = []
             if name in ("tls0", "tls1"):
                 tls = name[-1]
-                tunnel_port = free_port()
                 server = f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?mode=1&tls={tls}&log={args.log}"
                 client = f"client://127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}?mode=2&log={args.log}"
                 procs.append(start_nodepass(server, log_dir, f"{name}-server"))

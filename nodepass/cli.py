@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nodepass.service import build_service
 
     try:
-        service = build_service(config, reactor=reactor, logger=logger, settings=settings)
+        service: Any = build_service(config, reactor=reactor, logger=logger, settings=settings)
     except Exception as exc:  # a start-up error the URL grammar could not catch
         return fail(str(exc))
 

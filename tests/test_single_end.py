@@ -25,7 +25,7 @@ def free_port() -> int:
     for _ in range(50):
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         t.bind(("127.0.0.1", 0))
-        port = t.getsockname()[1]
+        port = int(t.getsockname()[1])
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             u.bind(("127.0.0.1", port))
@@ -34,7 +34,7 @@ def free_port() -> int:
         finally:
             t.close()
             u.close()
-        return int(port)
+        return port
     raise RuntimeError("no free port")
 
 

@@ -472,24 +472,33 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(events, ["pause", "resume"])
 
 
-def free_port() -> int:
-    """A port number currently free for both TCP and UDP on 127.0.0.1."""
+def free_ports(count: int) -> list[int]:
+    """*count* distinct port numbers currently free for both TCP and UDP on 127.0.0.1.
+
+    All probe sockets stay open until every port is chosen, so the same number
+    cannot be handed out twice.
+    """
     import socket
 
-    for _ in range(50):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.bind(("127.0.0.1", 0))
-        port = int(t.getsockname()[1])
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            t.bind(("127.0.0.1", 0))
+            held.append(t)
+            port = int(t.getsockname()[1])
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held.append(u)
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
 
 
 class UdpThroughTunnelTests(unittest.TestCase):
@@ -573,7 +582,7 @@ class UdpThroughTunnelTests(unittest.TestCase):
 
     def test_reverse_mode_plain_pool(self) -> Any:
         """Server mode 1 listens on its target address; the client dials the UDP echo."""
-        tunnel, ingress = free_port(), free_port()
+        tunnel, ingress = free_ports(2)
         echo = self.echo_port.getHost().port
         return self.run_echo(
             f"server://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=1&tls=0",
@@ -584,7 +593,7 @@ class UdpThroughTunnelTests(unittest.TestCase):
 
     def test_forward_mode_tls_pool(self) -> Any:
         """Server mode 2 dials the echo; the client listens (flow "+"); pool in TLS."""
-        tunnel, ingress = free_port(), free_port()
+        tunnel, ingress = free_ports(2)
         echo = self.echo_port.getHost().port
         return self.run_echo(
             f"server://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2&tls=1",
@@ -597,7 +606,7 @@ class UdpThroughTunnelTests(unittest.TestCase):
     def test_idle_sessions_end_on_both_sides(self) -> Any:
         """After udp_read_timeout without traffic both ends drop the session (UDPS back to 0)."""
         self.settings = Settings(report_interval=0.3, service_cooldown=0.3, udp_read_timeout=0.5)
-        tunnel, ingress = free_port(), free_port()
+        tunnel, ingress = free_ports(2)
         echo = self.echo_port.getHost().port
         server = self.start(f"server://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=1", "server")
         client = self.start(f"client://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2", "client")

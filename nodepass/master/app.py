@@ -99,7 +99,7 @@ def decode_body(raw: bytes) -> _Object:
         raise ApiError(400, "Invalid request body: larger than 1 MiB")
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ApiError(400, "Invalid request body") from None
     if not isinstance(value, _Object):
         raise ApiError(400, "Invalid request body")
@@ -167,6 +167,24 @@ class _Branch(Resource):
         return _error(request, 404, "Not found")
 
 
+class _Utf8Paths(Resource):
+    """Answers a JSON 400 for a path that is not UTF-8 (percent-decoded); delegates the rest."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:  # type: ignore[override]
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            _set_cors(request)
+            return _error(request, 400, "Invalid request path: not UTF-8")
+        return self.inner.render(request)
+
+
 class MasterAPI:
     """The API handlers; one per master.
 
@@ -204,7 +222,7 @@ class MasterAPI:
     def resource(self) -> IResource:
         """The site root: the Klein app mounted at the route base (JSON 404 elsewhere)."""
         segments = [s.encode("utf-8") for s in self.master.base.split("/") if s]
-        klein_resource = self.app.resource()
+        klein_resource = _Utf8Paths(self.app.resource())
         root = _Branch()
         node: Resource = root
         for segment in segments[:-1]:

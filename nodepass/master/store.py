@@ -14,8 +14,8 @@ the master id and the master alias).
 * :meth:`StateStore.request_save` debounces bursts of changes into one write
   shortly afterwards; :meth:`StateStore.save_now` writes at once.  Stopping
   the service performs a final save.
-* Every ``reload_interval`` (and once at start, after a good load) the current
-  state is written to ``nodepass.json.backup``.
+* Every ``reload_interval``, once at start (after a good load) and once at a
+  graceful stop the current state is written to ``nodepass.json.backup``.
 * :meth:`StateStore.load` reads the main file; when it is unreadable or
   corrupt the corrupt file is kept as ``nodepass.json.corrupt`` and the backup
   is read instead, with a clear ERROR line.  Only when neither can be read does
@@ -250,10 +250,16 @@ class StateStore(Service):
             self._backup_loop = loop
 
     def stopService(self) -> None:
-        """Stop the periodic backup and write the final state."""
+        """Stop the periodic backup and write the final state (to the main file and the backup).
+
+        The backup gets the final state too, so a main file damaged while the
+        master is down falls back to what the master last had, not to the
+        state of its previous start.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         if self._backup_loop is not None and self._backup_loop.running:
             self._backup_loop.stop()
         self._backup_loop = None
         if self.save_now():
             self.logger.info("Instances saved: %s", self.path)
+            self.write_backup()

@@ -343,12 +343,15 @@ class _PoolBase:
         return d
 
     def flush(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection.
+
+        The close is orderly (FIN, or TLS close_notify then FIN), as Go's
+        ``Close`` does; an idle connection has no pending writes to wait for."""
         idle = list(self._idle.values())
         self._idle.clear()
         self._dead.clear()
         for conn in idle:
-            conn.abort()
+            conn.close()
 
     def close(self) -> None:
         """Stop the pool: close idle connections and fail every waiter."""

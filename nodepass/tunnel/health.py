@@ -190,7 +190,9 @@ class ControlChannel:
         elif action == "verify":
             if self.tls_code in (1, 2):
                 self._receive_verify(signal)
-        # Unknown actions are ignored.
+        else:
+            # Unknown actions are ignored, as Go does; say so for debugging.
+            self.logger.debug("commonOnce: unknown signal action ignored: %r", action[:32])
 
     # -- health --------------------------------------------------------------------
     def _tick(self) -> None:

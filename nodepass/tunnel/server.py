@@ -236,8 +236,23 @@ class DualEndSession:
             on_verified=self._verified,
         )
         self.control.start()
+        self._probe_targets()
         if not self.control.gates_ingress:
             self._open_ingress()
+
+    def _probe_targets(self) -> None:
+        """``lbs=1`` with several targets: on the egress side (the side that dials
+        them) probe every target at once now and each report interval, so that
+        dials start at the fastest one."""
+        egress = (self.role == "server") == (self.flow == "+")
+        if self.stopped or not egress or self.config.lbs != 1 or len(self.config.targets) < 2:
+            return
+
+        def failed(failure: Failure) -> None:
+            self.logger.debug("Target probe failed: %s", failure.getErrorMessage())
+
+        self.policy.probe_latency().addErrback(failed)
+        self._later(self.settings.report_interval, self._probe_targets)
 
     def _own_fingerprint(self) -> str:
         return ""

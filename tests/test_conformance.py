@@ -1,0 +1,684 @@
+"""Wire conformance against a scripted NodePass v1.14.0 peer (:mod:`tests.gopeer`).
+
+The peer encodes the protocol on its own (standard library only), so these
+tests pin the bytes a Go client or server would see from our server or
+client: the handshake request/response, the 4-byte pool IDs, the signal
+lines, ping/pong, the TLS ``verify`` exchange, TCP and UDP data on pool
+connections, and that bad input from a peer is logged without stopping the
+tunnel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet import reactor as _reactor
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.trial import unittest
+
+from nodepass.env import Settings
+from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.tunnel import TunnelService, make_tunnel_service
+from nodepass.url import parse_tunnel_url
+from tests import gopeer
+from tests.test_tunnel_tcp import free_port
+
+reactor: Any = _reactor
+
+SETTINGS = Settings(report_interval=1.0, service_cooldown=0.5, handshake_timeout=5.0, pool_get_timeout=5.0)
+FP_RE = re.compile(r"^sha256:([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+KEY = "secret"
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"echo:" + data)  # type: ignore[union-attr]
+
+
+class UDPEcho(DatagramProtocol):
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.transport.write(b"echo:" + data, addr)  # type: ignore[union-attr]
+
+
+def two_ports() -> tuple[int, int]:
+    """Two distinct ports free for TCP and UDP on 127.0.0.1."""
+    while True:
+        a, b = free_port(), free_port()
+        if a != b:
+            return a, b
+
+
+def user_connect(port: int, timeout: float = gopeer.TIMEOUT) -> socket.socket:
+    """Connect a user to a listener that may not be open yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return gopeer.connect(port)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def udp_user() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(gopeer.TIMEOUT)
+    return sock
+
+
+class Base(unittest.TestCase):
+    timeout = 40
+
+    def setUp(self) -> None:
+        self.records: list[LogRecord] = []
+        self.mark: int | None = None  # log lines before the peer hung up on purpose
+
+    def service(self, url: str, settings: Settings = SETTINGS) -> TunnelService:
+        logger = NodePassLogger("debug", stream=None)
+        logger.add_observer(self.records.append)
+        svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=settings)
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        svc.startService()
+        return svc
+
+    def texts(self, level: Level | None = None) -> list[str]:
+        return [r.text for r in self.records if level is None or r.level == level]
+
+    def assertLogged(self, fragment: str, level: Level | None = None) -> None:
+        if not any(fragment in t for t in self.texts(level)):
+            self.fail(f"no log line with {fragment!r}: {self.texts()}")
+
+    def assertNoRestart(self) -> None:
+        texts = [r.text for r in self.records[: self.mark]]
+        bad = [t for t in texts if " error:" in t and t.split(" error:")[0] in ("Server", "Client")]
+        self.assertEqual(bad, [])
+
+    def run_peer(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+        return threads.deferToThread(fn)
+
+    def echo_targets(self) -> int:
+        """A TCP and a UDP echo on one free port (the egress target)."""
+        port = free_port()
+        tcp = reactor.listenTCP(port, Factory.forProtocol(Echo), interface="127.0.0.1")
+        udp = reactor.listenUDP(port, UDPEcho(), interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+        self.addCleanup(udp.stopListening)
+        return port
+
+
+# ---------------------------------------------------------------------------------------------
+class GoClientToOurServer(Base):
+    """A Go client (scripted) against our ``server://``."""
+
+    def check_pool_ids(self, peer: gopeer.GoClient, n: int) -> list[str]:
+        ids = [peer.dial_pool() for _ in range(n)]
+        assert ids[0] == "00000000", ids
+        for cid in ids[1:]:
+            assert re.fullmatch(r"[0-9a-f]{8}", cid) and cid != "00000000", cid
+        assert len(set(ids)) == n, ids
+        return ids
+
+    @defer.inlineCallbacks
+    def test_reverse_handshake_ping_tcp_udp(self) -> Any:
+        """Handshake bytes, pool IDs, ping/pong lines, `tcp` and `udp` sessions (flow -)."""
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&max=7&tls=0")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                status, headers, body = user_retry(peer.handshake)
+                result["status"], result["headers"], result["body"] = status, headers, body
+                result["ids"] = self.check_pool_ids(peer, 4)
+                ctl = peer.start_control()
+                ctl.wait_pongs(1)
+                # TCP: the user's bytes arrive raw on the signalled pool connection.
+                user = user_connect(uport)
+                user.sendall(b"hello from user")
+                sig = ctl.expect("tcp")
+                result["tcp_sig"] = sig
+                result["tcp_line"] = next(x for x in ctl.lines if b'"tcp"' in x)
+                result["user_port"] = user.getsockname()[1]
+                result["oldest"] = peer.order[0]
+                conn = peer.take(sig["id"])
+                result["tcp_in"] = gopeer.recv_exact(conn, 15)
+                conn.sendall(b"reply from target")
+                result["tcp_out"] = gopeer.recv_exact(user, 17)
+                conn.close()
+                result["user_eof"] = gopeer.recv_until_close(user)
+                user.close()
+                # UDP: one datagram = one raw write, no framing.
+                udp = udp_user()
+                udp.sendto(b"datagram-1", ("127.0.0.1", uport))
+                usig = ctl.expect("udp")
+                result["udp_sig"] = usig
+                result["udp_port"] = udp.getsockname()[1]
+                uconn = peer.take(usig["id"])
+                result["udp_in"] = uconn.recv(16384)
+                uconn.sendall(b"datagram-reply")
+                result["udp_out"] = udp.recvfrom(16384)[0]
+                udp.close()
+                uconn.close()
+                result["lines"] = list(ctl.lines)
+                result["errors"] = list(ctl.errors)
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["status"], "HTTP/1.1 200 OK")
+        self.assertEqual(result["headers"]["content-type"], "application/json")
+        self.assertEqual(result["headers"]["connection"], "close")
+        self.assertEqual(result["body"], b'{"flow":"-","max":7,"tls":"0","type":"0"}\n')
+        self.assertEqual(result["headers"]["content-length"], str(len(result["body"])))
+        decoded = json.loads(result["body"])
+        self.assertIsInstance(decoded["max"], int)
+        for k in ("flow", "tls", "type"):
+            self.assertIsInstance(decoded[k], str)
+        self.assertIn(b'{"action":"ping"}', result["lines"])
+        self.assertIn(b'{"action":"pong"}', result["lines"])
+        self.assertEqual(result["errors"], [])
+        self.assertEqual(result["tcp_sig"]["id"], result["oldest"])  # ingress takes the oldest idle
+        self.assertEqual(
+            result["tcp_line"],
+            b'{"action":"tcp","remote":"127.0.0.1:%d","id":"%s"}' % (result["user_port"],
+                                                                     result["tcp_sig"]["id"].encode()),
+        )
+        self.assertEqual(result["tcp_in"], b"hello from user")
+        self.assertEqual(result["tcp_out"], b"reply from target")
+        self.assertEqual(result["user_eof"], b"")
+        self.assertEqual(result["udp_sig"]["remote"], f"127.0.0.1:{result['udp_port']}")
+        self.assertEqual(set(result["udp_sig"]), {"action", "remote", "id"})
+        self.assertEqual(result["udp_in"], b"datagram-1")
+        self.assertEqual(result["udp_out"], b"datagram-reply")
+        self.assertLogged("CHECK_POINT|MODE=1|", Level.EVENT)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_tls1_verify_then_tcp(self) -> Any:
+        """tls=1: TLS 1.3 pool, `verify` both ways, ingress opens after our verify."""
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY, tls=True)
+            try:
+                _, _, body = user_retry(peer.handshake)
+                result["body"] = body
+                self.check_pool_ids(peer, 5)
+                result["fps"] = set(peer.fps.values())
+                result["tls_version"] = peer.pool[peer.order[0]].version()
+                ctl = peer.start_control()
+                # Go's client sends its verify on its oldest idle connection and closes it.
+                cid, conn = peer.take_oldest()
+                ctl.send("verify", id=cid, fp=peer.fps[cid])
+                conn.close()
+                theirs = ctl.expect("verify")
+                result["verify"] = theirs
+                result["verify_line"] = next(x for x in ctl.lines if b'"verify"' in x)
+                result["expected_fp"] = peer.fps[theirs["id"]]
+                if theirs["id"] in peer.pool:
+                    peer.take(theirs["id"]).close()
+                user = user_connect(uport)
+                user.sendall(b"over tls")
+                sig = ctl.expect("tcp")
+                data_conn = peer.take(sig["id"])
+                result["tcp_in"] = gopeer.recv_exact(data_conn, 8)
+                data_conn.sendall(b"back over tls")
+                result["tcp_out"] = gopeer.recv_exact(user, 13)
+                user.close()
+                data_conn.close()
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["body"], b'{"flow":"-","max":1024,"tls":"1","type":"0"}\n')
+        self.assertEqual(result["tls_version"], "TLSv1.3")
+        self.assertEqual(len(result["fps"]), 1)
+        fp = next(iter(result["fps"]))
+        self.assertRegex(fp, FP_RE)
+        self.assertEqual(result["verify"]["fp"], fp)
+        self.assertEqual(result["verify"]["fp"], result["expected_fp"])
+        self.assertEqual(result["verify_line"],
+                         b'{"action":"verify","id":"%s","fp":"%s"}' % (result["verify"]["id"].encode(),
+                                                                        fp.encode()))
+        self.assertEqual(result["tcp_in"], b"over tls")
+        self.assertEqual(result["tcp_out"], b"back over tls")
+        self.assertLogged("TLS certificate fingerprint verified: " + fp, Level.INFO)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_forward_go_client_is_ingress(self) -> Any:
+        """flow +: the Go client signals `tcp`/`udp`, our server dials its target."""
+        target = self.echo_targets()
+        tport = free_port()
+        assert tport != target  # the echo listeners hold their port
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{target}?mode=2")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                _, _, body = user_retry(peer.handshake)
+                result["body"] = body
+                self.check_pool_ids(peer, 4)
+                ctl = peer.start_control()
+                cid, conn = peer.take_oldest()
+                ctl.send("tcp", remote="203.0.113.7:51234", id=cid)
+                conn.sendall(b"forward-tcp")  # Go writes at once, before the peer read the signal
+                result["tcp"] = gopeer.recv_exact(conn, 16)
+                conn.close()
+                cid, conn = peer.take_oldest()
+                ctl.send("udp", remote="203.0.113.7:5353", id=cid)
+                conn.sendall(b"forward-udp")
+                result["udp"] = conn.recv(16384)
+                conn.close()
+                ctl.wait_pongs(1)
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["body"], b'{"flow":"+","max":1024,"tls":"0","type":"0"}\n')
+        self.assertEqual(result["tcp"], b"echo:forward-tcp")
+        self.assertEqual(result["udp"], b"echo:forward-udp")
+        self.assertLogged("CHECK_POINT|MODE=2|", Level.EVENT)
+        self.assertNoRestart()
+
+
+def user_retry(fn: Callable[[], Any], timeout: float = gopeer.TIMEOUT) -> Any:
+    """Run a connecting step until the listener accepts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (ConnectionRefusedError, ConnectionResetError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+class GoServerToOurClient(Base):
+    """Our dual-end ``client://`` against a scripted Go server."""
+
+    @defer.inlineCallbacks
+    def test_reverse_flow_go_server_signals(self) -> Any:
+        """flow -: request bytes, pool IDs, ping/pong, the Go server's `tcp`/`udp` reach our target."""
+        target = self.echo_targets()
+        peer = gopeer.GoServer(KEY, "-")
+        self.addCleanup(peer.close)
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{target}?mode=2&min=4")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            ctl = peer.start_control()
+            ctl.wait_pongs(1)
+            peer.wait_for(count=2)
+            cid, conn = peer.take_oldest()
+            ctl.send("tcp", remote="203.0.113.7:51234", id=cid)
+            conn.sendall(b"to-client-target")
+            result["tcp"] = gopeer.recv_exact(conn, 21)
+            conn.close()
+            peer.wait_for(count=1)
+            cid, conn = peer.take_oldest()
+            ctl.send("udp", remote="203.0.113.7:5353", id=cid)
+            conn.sendall(b"dgram")
+            result["udp"] = conn.recv(16384)
+            conn.close()
+            result["lines"] = list(ctl.lines)
+
+        yield self.run_peer(script)
+        self.assertEqual(peer.request, gopeer.go_request(KEY, host="none"))
+        self.assertIn(b'{"action":"ping"}', result["lines"])
+        self.assertIn(b'{"action":"pong"}', result["lines"])
+        self.assertEqual(result["tcp"], b"echo:to-client-target")
+        self.assertEqual(result["udp"], b"echo:dgram")
+        self.assertLogged("Loading tunnel config: FLOW=-|MAX=16|TLS=0|TYPE=0")
+        self.assertLogged("CHECK_POINT|MODE=2|", Level.EVENT)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_forward_flow_our_client_is_ingress(self) -> Any:
+        """flow +: our client listens on its target and sends `tcp` with a Go-issued ID."""
+        uport = free_port()
+        peer = gopeer.GoServer(KEY, "+")
+        self.addCleanup(peer.close)
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            ctl = peer.start_control()
+            peer.wait_for(count=2)
+            user = user_connect(uport)
+            user.sendall(b"user->go")
+            sig = ctl.expect("tcp")
+            result["sig"] = sig
+            result["user_port"] = user.getsockname()[1]
+            conn = peer.take(sig["id"])
+            result["in"] = gopeer.recv_exact(conn, 8)
+            conn.sendall(b"go->user")
+            result["out"] = gopeer.recv_exact(user, 8)
+            conn.close()
+            result["eof"] = gopeer.recv_until_close(user)
+            user.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["sig"], {"action": "tcp", "remote": f"127.0.0.1:{result['user_port']}",
+                                         "id": result["sig"]["id"]})
+        self.assertNotEqual(result["sig"]["id"], "00000000")
+        self.assertEqual(result["in"], b"user->go")
+        self.assertEqual(result["out"], b"go->user")
+        self.assertEqual(result["eof"], b"")
+        self.assertNoRestart()
+
+
+# ---------------------------------------------------------------------------------------------
+class BadPeers(Base):
+    """Bad input from a peer is logged; the tunnel keeps serving."""
+
+    @defer.inlineCallbacks
+    def test_wrong_token_then_good_handshake(self) -> Any:
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                result["bad"] = user_retry(lambda: peer.handshake(bearer=gopeer.token("other")))
+                result["good"] = peer.handshake()
+                assert peer.dial_pool() == "00000000"
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        status, headers, body = result["bad"]
+        self.assertEqual(status, "HTTP/1.1 401 Unauthorized")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(body, b"Unauthorized\n")
+        self.assertEqual(headers["content-type"], "text/plain; charset=utf-8")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(result["good"][0], "HTTP/1.1 200 OK")
+        self.assertLogged("unauthorized", Level.WARN)
+
+    @defer.inlineCallbacks
+    def test_bad_control_lines_are_skipped(self) -> Any:
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                user_retry(peer.handshake)
+                for _ in range(3):
+                    peer.dial_pool()
+                ctl = peer.start_control()
+                ctl.wait_pongs(1)
+                ctl.send_raw(b"!!not base64!!\n")
+                ctl.send_raw(gopeer.encode_line(b"not json", KEY))
+                ctl.send("dance", id="12345678")
+                ctl.send_raw(b"A" * 300000 + b"\n")
+                before = ctl.pongs
+                ctl.send("ping")
+                ctl.wait_pongs(before + 1)
+                user = user_connect(uport)
+                user.sendall(b"still alive")
+                sig = ctl.expect("tcp")
+                conn = peer.take(sig["id"])
+                result["in"] = gopeer.recv_exact(conn, 11)
+                conn.close()
+                user.close()
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["in"], b"still alive")
+        errors = self.texts(Level.ERROR)
+        self.assertTrue(any("base64" in t for t in errors), errors)
+        self.assertTrue(any("unmarshal signal failed" in t for t in errors), errors)
+        self.assertTrue(any("longer than" in t for t in errors), errors)
+        self.assertLogged("dance")
+        self.assertNoRestart()
+
+
+# ---------------------------------------------------------------------------------------------
+class ServerPoolAndHealth(Base):
+    """Pool and health rules of our server as a Go client sees them."""
+
+    @defer.inlineCallbacks
+    def test_tls2_server_verify_carries_its_certificate_and_does_not_gate(self) -> Any:
+        from tests.test_tls import make_cert_files
+
+        crt, key, der = make_cert_files(_tmpdir(self))
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=2&crt={crt}&key={key}")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY, tls=True)
+            try:
+                _, _, result["body"] = user_retry(peer.handshake)
+                for _ in range(4):
+                    peer.dial_pool()
+                result["fps"] = set(peer.fps.values())
+                ctl = peer.start_control()
+                # No verify from us: the ingress must open anyway with tls=2.
+                user = user_connect(uport)
+                user.sendall(b"tls2")
+                sig = ctl.expect("tcp")
+                conn = peer.take(sig["id"])
+                result["in"] = gopeer.recv_exact(conn, 4)
+                conn.close()
+                user.close()
+                result["verify"] = ctl.expect("verify")
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["body"], b'{"flow":"-","max":1024,"tls":"2","type":"0"}\n')
+        self.assertEqual(result["fps"], {gopeer.fingerprint(der)})
+        self.assertEqual(result["in"], b"tls2")
+        self.assertEqual(result["verify"]["fp"], gopeer.fingerprint(der))
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_flush_closes_idle_connections_and_ids_stay_random(self) -> Any:
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                user_retry(peer.handshake)
+                for _ in range(4):
+                    peer.dial_pool()
+                ctl = peer.start_control()
+                ctl.wait_pongs(1)
+                ctl.send("flush")
+                result["eofs"] = [gopeer.recv_until_close(peer.take(c)) for c in list(peer.order)]
+                # The pool lives on: new connections get random IDs, never 00000000 again.
+                result["new_ids"] = [peer.dial_pool() for _ in range(2)]
+                user = user_connect(uport)
+                user.sendall(b"after flush")
+                sig = ctl.expect("tcp")
+                conn = peer.take(sig["id"])
+                result["in"] = gopeer.recv_exact(conn, 11)
+                conn.close()
+                user.close()
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["eofs"], [b"", b"", b""])
+        self.assertNotIn("00000000", result["new_ids"])
+        self.assertEqual(result["in"], b"after flush")
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_unknown_id_counts_an_error_and_triggers_flush(self) -> Any:
+        target = self.echo_targets()
+        tport = free_port()
+        assert tport != target  # the echo listeners hold their port
+        fast_get = Settings(report_interval=1.0, service_cooldown=0.5, handshake_timeout=5.0, pool_get_timeout=0.5)
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{target}?mode=2", fast_get)
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                user_retry(peer.handshake)
+                for _ in range(2):
+                    peer.dial_pool()
+                ctl = peer.start_control()
+                ctl.send("tcp", remote="203.0.113.7:51234", id="deadbeef")
+                result["flush"] = ctl.expect("flush")
+                result["flush_line"] = next(x for x in ctl.lines if b"flush" in x)
+                # Our idle connection was flushed too.
+                result["eof"] = gopeer.recv_until_close(peer.take(peer.order[0]))
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["flush_line"], b'{"action":"flush"}')
+        self.assertEqual(result["eof"], b"")
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_silent_control_restarts_and_serves_a_new_handshake(self) -> Any:
+        tport, uport = two_ports()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                user_retry(peer.handshake)
+                peer.dial_pool()
+                control = peer.pool["00000000"]
+                # Never write: after 3 report intervals the server gives up on us.
+                control.settimeout(gopeer.TIMEOUT)
+                received = b""
+                try:
+                    while chunk := control.recv(4096):
+                        received += chunk
+                except ConnectionResetError:
+                    pass  # the server may reset rather than close; both end the session
+                result["pings"] = [gopeer.decode_line(x, KEY) for x in received.splitlines()]
+                again = gopeer.GoClient(tport, KEY)
+                try:
+                    result["status"] = user_retry(again.handshake)[0]
+                    result["first"] = again.dial_pool()
+                finally:
+                    again.close()
+            finally:
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertTrue(result["pings"])
+        self.assertEqual(set(result["pings"]), {b'{"action":"ping"}'})
+        self.assertEqual(result["status"], "HTTP/1.1 200 OK")
+        self.assertEqual(result["first"], "00000000")
+        self.assertLogged("read timeout", Level.ERROR)
+        self.assertLogged("Server restart: ", Level.INFO)
+
+
+def _tmpdir(test: unittest.TestCase) -> str:
+    import os
+
+    path = test.mktemp()
+    os.makedirs(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+class ClientTLSVerify(Base):
+    """Our client with a tls=1 Go server: `verify` both ways, mismatch aborts."""
+
+    def go_server(self, flow: str) -> tuple[gopeer.GoServer, str]:
+        from tests.test_tls import make_cert_files
+
+        crt, key, der = make_cert_files(_tmpdir(self))
+        peer = gopeer.GoServer(KEY, flow, tls=(crt, key))
+        self.addCleanup(peer.close)
+        return peer, gopeer.fingerprint(der)
+
+    @defer.inlineCallbacks
+    def test_verify_exchange_opens_ingress(self) -> Any:
+        uport = free_port()
+        peer, fp = self.go_server("+")
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            ctl = peer.start_control()
+            peer.wait_for(count=3)
+            cid, conn = peer.take_oldest()
+            ctl.send("verify", id=cid, fp=fp)  # Go's server: its own certificate
+            conn.close()
+            result["verify"] = ctl.expect("verify")
+            result["verify_line"] = next(x for x in ctl.lines if b'"verify"' in x)
+            user = user_connect(uport)
+            user.sendall(b"tls1 user")
+            sig = ctl.expect("tcp")
+            conn = peer.take(sig["id"])
+            result["in"] = gopeer.recv_exact(conn, 9)
+            conn.sendall(b"ok")
+            result["out"] = gopeer.recv_exact(user, 2)
+            user.close()
+            conn.close()
+
+        yield self.run_peer(script)
+        v = result["verify"]
+        self.assertEqual(v["fp"], fp)
+        self.assertEqual(result["verify_line"], b'{"action":"verify","id":"%s","fp":"%s"}' % (v["id"].encode(),
+                                                                                          fp.encode()))
+        self.assertEqual((result["in"], result["out"]), (b"tls1 user", b"ok"))
+        self.assertLogged("TLS certificate fingerprint verified: " + fp, Level.INFO)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_fingerprint_mismatch_aborts_the_session(self) -> Any:
+        uport = free_port()
+        peer, fp = self.go_server("+")
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4")
+        wrong = "sha256:" + ":".join(["00"] * 32)
+
+        def script() -> None:
+            ctl = peer.start_control()
+            peer.wait_for(count=2)
+            cid, conn = peer.take_oldest()
+            ctl.send("verify", id=cid, fp=wrong)
+            conn.close()
+
+        yield self.run_peer(script)
+        yield wait_until(lambda: any("Client error:" in t for t in self.texts(Level.ERROR)))
+        self.assertLogged("certificate fingerprint mismatch", Level.ERROR)
+
+
+@defer.inlineCallbacks
+def wait_until(cond: Callable[[], bool], timeout: float = gopeer.TIMEOUT) -> Any:
+    from twisted.internet import task
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        yield task.deferLater(reactor, 0.05, lambda: None)
