@@ -28,6 +28,8 @@ Usage::
 
     python bench/tunnel_bench.py                # all paths, ~3 s per measurement
     python bench/tunnel_bench.py --duration 1 --paths direct,single
+    # the same run also measures an older tree, alternating run by run:
+    python bench/tunnel_bench.py --repeat 3 --baseline /tmp/nodepass-old
 """
 
 from __future__ import annotations
@@ -253,11 +255,15 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_nodepass(url: str, log_dir: Path, name: str) -> subprocess.Popen[bytes]:
+def start_nodepass(url: str, log_dir: Path, name: str, tree: Path = REPO) -> subprocess.Popen[bytes]:
+    """``python -m nodepass URL`` with the ``nodepass`` package taken from *tree*."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
     log = open(log_dir / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "nodepass", url], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # ``-m`` puts the working directory first on sys.path: run inside *tree*.
+    return subprocess.Popen(
+        [sys.executable, "-m", "nodepass", url], env=env, cwd=str(tree), stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def wait_ready(port: int, timeout: float) -> None:
@@ -300,18 +306,53 @@ class Result:
     cps: float
     udp_p50: float
     udp_p99: float
+    #: CPU time of the tunnel processes: ms per MB of throughput, µs per TCP
+    #: round trip, µs per new connection (0 for the direct path).
+    cpu_mb: float = 0.0
+    cpu_rtt: float = 0.0
+    cpu_conn: float = 0.0
 
 
-def measure(port: int, duration: float, rounds: int, repeat: int = 1) -> Result:
-    """All metrics for one path; with *repeat* > 1 each one is the median of that many runs."""
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU seconds used so far by the processes *pids* (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Field by field median of several runs."""
+    return Result(*(statistics.median(getattr(r, f) for r in runs) for f in Result.__dataclass_fields__))
+
+
+def measure(port: int, duration: float, rounds: int, repeat: int = 1, pids: tuple[int, ...] = ()) -> Result:
+    """All metrics for one path; with *repeat* > 1 each one is the median of that many runs.
+
+    *pids* are the tunnel processes whose CPU time is charged to each metric."""
     if repeat > 1:
-        runs = [measure(port, duration, rounds) for _ in range(repeat)]
-        return Result(*(statistics.median(getattr(r, f) for r in runs) for f in Result.__dataclass_fields__))
+        return median_result([measure(port, duration, rounds, 1, pids) for _ in range(repeat)])
+    c0 = cpu_seconds(pids)
+    t0 = time.perf_counter()
     mbps = throughput(port, duration)
+    moved = mbps * (time.perf_counter() - t0)
+    c1 = cpu_seconds(pids)
     lat = tcp_latency(port, rounds)
+    c2 = cpu_seconds(pids)
+    t0 = time.perf_counter()
     cps = connections_per_second(port, duration)
+    conns = cps * (time.perf_counter() - t0)
+    c3 = cpu_seconds(pids)
     ulat = udp_latency(port, max(200, rounds // 2))
     return Result(
+        cpu_mb=(c1 - c0) * 1e3 / moved if pids and moved else 0.0,
+        cpu_rtt=(c2 - c1) * 1e6 / (len(lat) + 50) if pids else 0.0,
+        cpu_conn=(c3 - c2) * 1e6 / conns if pids and conns else 0.0,
         mbps=mbps,
         tcp_p50=pct(lat, 50) * 1e6,
         tcp_p99=pct(lat, 99) * 1e6,
@@ -348,6 +389,15 @@ def table(results: dict[str, Result]) -> str:
                 cell(r.udp_p99, b.udp_p99 if b else None, ".0f"),
             )
         )
+    cpu = [(name, r) for name, r in results.items() if r.cpu_mb or r.cpu_rtt or r.cpu_conn]
+    if cpu:
+        rows.append(
+            "\nCPU time of the tunnel processes (all nodepass processes of the path together):\n\n"
+            "| path | CPU ms per MB | CPU µs per TCP round trip | CPU µs per new connection |\n"
+            "|---|---:|---:|---:|"
+        )
+        for name, r in cpu:
+            rows.append(f"| {name} | {r.cpu_mb:.2f} | {r.cpu_rtt:.0f} | {r.cpu_conn:.0f} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -359,6 +409,17 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per metric; the median is shown")
     parser.add_argument("--log", default="warn", help="nodepass log level for the tunnel processes")
     parser.add_argument("--ready-timeout", type=float, default=40.0)
+    parser.add_argument(
+        "--min", type=int, default=0, help="client pool min for the dual-end paths (0: NodePass default, 64)"
+    )
+    parser.add_argument("--tree", type=Path, default=REPO, help="source tree whose nodepass package is measured")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="second source tree (e.g. an older checkout): every tunnel path is also run with it, "
+        "alternating run by run with --tree, in rows marked (baseline)",
+    )
     parser.add_argument("--serve-target", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_target is not None:
@@ -379,28 +440,47 @@ def main() -> int:
                 wait_ready(target_port, args.ready_timeout)
                 results["direct"] = measure(target_port, args.duration, args.rounds, args.repeat)
                 continue
-            user_port, tunnel_port = free_ports(2)
+            trees = [("", args.tree)] + ([(" (baseline)", args.baseline)] if args.baseline else [])
+            started: list[tuple[str, int, tuple[int, ...]]] = []
             procs: list[subprocess.Popen[bytes]] = []
-            if name in ("tls0", "tls1"):
-                tls = name[-1]
-                server = f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?mode=1&tls={tls}&log={args.log}"
-                client = f"client://127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}?mode=2&log={args.log}"
-                procs.append(start_nodepass(server, log_dir, f"{name}-server"))
-                time.sleep(0.5)
-                procs.append(start_nodepass(client, log_dir, f"{name}-client"))
-                label = f"dual-end tls={tls}"
-            elif name == "single":
-                client = f"client://127.0.0.1:{user_port}/127.0.0.1:{target_port}?mode=1&log={args.log}"
-                procs.append(start_nodepass(client, log_dir, "single"))
-                label = "single-end"
-            else:
-                raise SystemExit(f"unknown path {name!r}")
             try:
-                wait_ready(user_port, args.ready_timeout)
-                results[label] = measure(user_port, args.duration, args.rounds, args.repeat)
+                for suffix, tree in trees:
+                    user_port, tunnel_port = free_ports(2)
+                    tag = name + ("-baseline" if suffix else "")
+                    if name in ("tls0", "tls1"):
+                        tls = name[-1]
+                        server = (
+                            f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?mode=1&tls={tls}&log={args.log}"
+                        )
+                        client = f"client://127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}?mode=2&log={args.log}"
+                        if args.min > 0:
+                            client += f"&min={args.min}"
+                        procs.append(start_nodepass(server, log_dir, f"{tag}-server", tree))
+                        time.sleep(0.5)
+                        procs.append(start_nodepass(client, log_dir, f"{tag}-client", tree))
+                        label = f"dual-end tls={tls}"
+                    elif name == "single":
+                        client = f"client://127.0.0.1:{user_port}/127.0.0.1:{target_port}?mode=1&log={args.log}"
+                        procs.append(start_nodepass(client, log_dir, tag, tree))
+                        label = "single-end"
+                    else:
+                        raise SystemExit(f"unknown path {name!r}")
+                    started.append(
+                        (label + suffix, user_port, tuple(proc.pid for proc in procs[-2 if name != "single" else -1 :]))
+                    )
+                for _label, user_port, _pids in started:
+                    wait_ready(user_port, args.ready_timeout)
+                # Alternate the trees run by run so that load changes on the
+                # machine hit both alike.
+                runs: dict[str, list[Result]] = {label: [] for label, _, _ in started}
+                for _ in range(args.repeat):
+                    for label, user_port, pids in started:
+                        runs[label].append(measure(user_port, args.duration, args.rounds, 1, pids))
+                for label, _, _ in started:
+                    results[label] = median_result(runs[label])
             except (RuntimeError, OSError) as exc:
-                failed.append(f"{label}: {exc}")
-                print(f"skipped {label}: {exc}", file=sys.stderr)
+                failed.append(f"{name}: {exc}")
+                print(f"skipped {name}: {exc}", file=sys.stderr)
             finally:
                 for proc in procs:
                     proc.terminate()
@@ -416,7 +496,10 @@ def main() -> int:
     print(
         f"\nnodepass tunnel benchmark — 127.0.0.1, {os.cpu_count()} CPUs, "
         f"Python {sys.version.split()[0]}, {args.duration:g} s runs, "
-        f"median of {args.repeat}, log={args.log}\n"
+        f"median of {args.repeat}, log={args.log}"
+        + (f", client min={args.min}" if args.min > 0 else "")
+        + "\n"
+        + (f"tree: {args.tree}; baseline: {args.baseline}\n" if args.baseline else "")
     )
     print(table(results))
     for line in failed:

@@ -253,5 +253,14 @@ class LineObserver:
 
 
 def twistd_observer() -> LineObserver:
-    """Observer factory for ``twistd --logger``: NodePass lines on standard output."""
-    return LineObserver(sys.__stdout__ or sys.stdout)
+    """Observer factory for ``twistd --logger``: NodePass lines on standard output.
+
+    The level word is coloured only when standard output is a terminal, so a
+    journal or log file gets plain text.
+    """
+    stream = sys.__stdout__ or sys.stdout
+    try:
+        colour = stream.isatty()
+    except (AttributeError, ValueError):
+        colour = False
+    return LineObserver(stream, colour=colour)

@@ -206,7 +206,7 @@ class Control:
             try:
                 with self._lock:
                     chunk = self.sock.recv(65536)
-            except (socket.timeout, ssl.SSLWantReadError):
+            except (TimeoutError, ssl.SSLWantReadError):
                 continue
             except OSError:
                 return
@@ -337,6 +337,10 @@ class GoServer:
         self.listener.listen(64)
         self.port: int = self.listener.getsockname()[1]
         self._ctx = tls_server_context(*tls) if tls else None
+        self.sni: list[str | None] = []  # server name sent by each TLS client hello
+        self.versions: list[str | None] = []
+        if self._ctx is not None:
+            self._ctx.sni_callback = self._record_sni
         self.request: bytes = b""
         self.pool: dict[str, Any] = {}
         self.order: list[str] = []
@@ -346,6 +350,9 @@ class GoServer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    def _record_sni(self, _sock: Any, name: str | None, _ctx: Any) -> None:
+        self.sni.append(name)
 
     def _serve(self) -> None:
         try:
@@ -367,6 +374,7 @@ class GoServer:
                 sock.settimeout(TIMEOUT)
                 if self._ctx is not None:
                     sock = self._ctx.wrap_socket(sock, server_side=True)
+                    self.versions.append(sock.version())
                 if self._first:
                     raw_id, self._first = b"\0\0\0\0", False
                 else:

@@ -11,13 +11,15 @@ tunnel.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.trial import unittest
@@ -27,6 +29,7 @@ from nodepass.log import Level, LogRecord, NodePassLogger
 from nodepass.tunnel import TunnelService, make_tunnel_service
 from nodepass.url import parse_tunnel_url
 from tests import gopeer
+from tests.test_tls import make_cert_files
 from tests.test_tunnel_tcp import free_port
 
 reactor: Any = _reactor
@@ -54,12 +57,30 @@ def two_ports() -> tuple[int, int]:
             return a, b
 
 
-def user_connect(port: int, timeout: float = gopeer.TIMEOUT) -> socket.socket:
+def free_port6() -> int:
+    """A port free for TCP and UDP on ::1."""
+    for _ in range(50):
+        t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            t.bind(("::1", 0))
+            port = int(t.getsockname()[1])
+            u.bind(("::1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+    raise RuntimeError("no free IPv6 port")
+
+
+def user_connect(port: int, timeout: float = gopeer.TIMEOUT, host: str = "127.0.0.1") -> socket.socket:
     """Connect a user to a listener that may not be open yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return gopeer.connect(port)
+            return gopeer.connect(port, host)
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
@@ -165,6 +186,10 @@ class GoClientToOurServer(Base):
                 result["udp_in"] = uconn.recv(16384)
                 uconn.sendall(b"datagram-reply")
                 result["udp_out"] = udp.recvfrom(16384)[0]
+                # A later datagram of the same peer rides the same pool connection, no new signal.
+                udp.sendto(b"datagram-2", ("127.0.0.1", uport))
+                result["udp_in2"] = uconn.recv(16384)
+                result["udp_sigs"] = sum(1 for x in ctl.lines if b'"udp"' in x)
                 udp.close()
                 uconn.close()
                 result["lines"] = list(ctl.lines)
@@ -199,6 +224,8 @@ class GoClientToOurServer(Base):
         self.assertEqual(set(result["udp_sig"]), {"action", "remote", "id"})
         self.assertEqual(result["udp_in"], b"datagram-1")
         self.assertEqual(result["udp_out"], b"datagram-reply")
+        self.assertEqual(result["udp_in2"], b"datagram-2")
+        self.assertEqual(result["udp_sigs"], 1)
         self.assertLogged("CHECK_POINT|MODE=1|", Level.EVENT)
         self.assertNoRestart()
 
@@ -214,10 +241,20 @@ class GoClientToOurServer(Base):
             try:
                 _, _, body = user_retry(peer.handshake)
                 result["body"] = body
-                self.check_pool_ids(peer, 5)
+                self.check_pool_ids(peer, 6)  # verify (newest), tcp and udp each take one
                 result["fps"] = set(peer.fps.values())
                 result["tls_version"] = peer.pool[peer.order[0]].version()
                 ctl = peer.start_control()
+                ctl.wait_pongs(1)
+                # Before our verify the ingress must not take users (refused, or held unsignalled).
+                early: socket.socket | None = None
+                try:
+                    early = gopeer.connect(uport)
+                    early.sendall(b"too early")
+                except ConnectionRefusedError:
+                    pass
+                time.sleep(1.5)
+                result["early_signals"] = [x for x in ctl.lines if b'"tcp"' in x]
                 # Go's client sends its verify on its oldest idle connection and closes it.
                 cid, conn = peer.take_oldest()
                 ctl.send("verify", id=cid, fp=peer.fps[cid])
@@ -228,6 +265,13 @@ class GoClientToOurServer(Base):
                 result["expected_fp"] = peer.fps[theirs["id"]]
                 if theirs["id"] in peer.pool:
                     peer.take(theirs["id"]).close()
+                if early is not None:
+                    # Like a user waiting in Go's listen backlog: served once verified.
+                    esig = ctl.expect("tcp")
+                    econn = peer.take(esig["id"])
+                    result["early_in"] = gopeer.recv_exact(econn, 9)
+                    econn.close()
+                    early.close()
                 user = user_connect(uport)
                 user.sendall(b"over tls")
                 sig = ctl.expect("tcp")
@@ -237,6 +281,16 @@ class GoClientToOurServer(Base):
                 result["tcp_out"] = gopeer.recv_exact(user, 13)
                 user.close()
                 data_conn.close()
+                # UDP over a TLS pool connection: one record per datagram.
+                udp = udp_user()
+                udp.sendto(b"tls-dgram", ("127.0.0.1", uport))
+                usig = ctl.expect("udp")
+                uconn = peer.take(usig["id"])
+                result["udp_in"] = uconn.recv(16384)
+                uconn.sendall(b"tls-dgram-reply")
+                result["udp_out"] = udp.recvfrom(16384)[0]
+                udp.close()
+                uconn.close()
             finally:
                 self.mark = len(self.records)
                 peer.close()
@@ -252,9 +306,44 @@ class GoClientToOurServer(Base):
         self.assertEqual(result["verify_line"],
                          b'{"action":"verify","id":"%s","fp":"%s"}' % (result["verify"]["id"].encode(),
                                                                         fp.encode()))
+        self.assertEqual(result["early_signals"], [])
+        # The target listener is bound from the start (as Go's is), so the early user waits, then flows.
+        self.assertEqual(result.get("early_in"), b"too early")
         self.assertEqual(result["tcp_in"], b"over tls")
         self.assertEqual(result["tcp_out"], b"back over tls")
+        self.assertEqual((result["udp_in"], result["udp_out"]), (b"tls-dgram", b"tls-dgram-reply"))
         self.assertLogged("TLS certificate fingerprint verified: " + fp, Level.INFO)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_ipv6_user_remote_is_bracketed(self) -> Any:
+        """The `remote` of a user on an IPv6 target listener reads `[::1]:port`."""
+        tport, uport = free_port(), free_port6()
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/[::1]:{uport}?mode=1")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            peer = gopeer.GoClient(tport, KEY)
+            try:
+                user_retry(peer.handshake)
+                for _ in range(3):
+                    peer.dial_pool()
+                ctl = peer.start_control()
+                user = user_connect(uport, host="::1")
+                user.sendall(b"v6")
+                sig = ctl.expect("tcp")
+                result["remote"], result["port"] = sig["remote"], user.getsockname()[1]
+                conn = peer.take(sig["id"])
+                result["in"] = gopeer.recv_exact(conn, 2)
+                conn.close()
+                user.close()
+            finally:
+                self.mark = len(self.records)
+                peer.close()
+
+        yield self.run_peer(script)
+        self.assertEqual(result["remote"], f"[::1]:{result['port']}")
+        self.assertEqual(result["in"], b"v6")
         self.assertNoRestart()
 
     @defer.inlineCallbacks
@@ -337,8 +426,21 @@ class GoServerToOurClient(Base):
             result["udp"] = conn.recv(16384)
             conn.close()
             result["lines"] = list(ctl.lines)
+            # Idle pool connections carry nothing from the client before use.
+            with peer._cond:
+                idle = list(peer.pool.values())
+            early = []
+            for sock in idle:
+                sock.settimeout(0.2)
+                try:
+                    early.append(sock.recv(1))
+                except (TimeoutError, ssl.SSLWantReadError):
+                    pass
+            result["idle"], result["early"] = len(idle), early
 
         yield self.run_peer(script)
+        self.assertGreater(result["idle"], 0)
+        self.assertEqual(result["early"], [])
         self.assertEqual(peer.request, gopeer.go_request(KEY, host="none"))
         self.assertIn(b'{"action":"ping"}', result["lines"])
         self.assertIn(b'{"action":"pong"}', result["lines"])
@@ -346,6 +448,51 @@ class GoServerToOurClient(Base):
         self.assertEqual(result["udp"], b"echo:dgram")
         self.assertLogged("Loading tunnel config: FLOW=-|MAX=16|TLS=0|TYPE=0")
         self.assertLogged("CHECK_POINT|MODE=2|", Level.EVENT)
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_flush_from_go_server_then_refill(self) -> Any:
+        """A `flush` closes our client's idle connections (EOF); it refills and serves."""
+        target = self.echo_targets()
+        peer = gopeer.GoServer(KEY, "-")
+        self.addCleanup(peer.close)
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{target}?mode=2&min=3")
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            ctl = peer.start_control()
+            peer.wait_for(count=3)
+            with peer._cond:
+                old = [peer.pool.pop(c) for c in peer.order]
+                peer.order.clear()
+            ctl.send("flush")
+            result["eofs"] = [gopeer.recv_until_close(sock) for sock in old]
+            for sock in old:
+                sock.close()
+            # A connection dialled just before our client read the flush was closed
+            # too (the same race exists between Go peers): skip closed ones.
+            while True:
+                cid, conn = peer.take_oldest()  # refilled with new IDs
+                conn.settimeout(0.3)
+                try:
+                    closed = conn.recv(1) == b""
+                except (TimeoutError, ssl.SSLWantReadError):
+                    closed = False
+                conn.settimeout(gopeer.TIMEOUT)
+                if not closed:
+                    break
+                conn.close()
+            result["cid"] = cid
+            ctl.send("tcp", remote="203.0.113.7:51234", id=cid)
+            conn.sendall(b"refilled")
+            result["tcp"] = gopeer.recv_exact(conn, 13)
+            conn.close()
+
+        yield self.run_peer(script)
+        self.assertGreaterEqual(len(result["eofs"]), 3)
+        self.assertEqual(set(result["eofs"]), {b""})
+        self.assertNotEqual(result["cid"], "00000000")
+        self.assertEqual(result["tcp"], b"echo:refilled")
         self.assertNoRestart()
 
     @defer.inlineCallbacks
@@ -364,6 +511,7 @@ class GoServerToOurClient(Base):
             user.sendall(b"user->go")
             sig = ctl.expect("tcp")
             result["sig"] = sig
+            result["line"] = next(x for x in ctl.lines if b'"tcp"' in x)
             result["user_port"] = user.getsockname()[1]
             conn = peer.take(sig["id"])
             result["in"] = gopeer.recv_exact(conn, 8)
@@ -377,6 +525,8 @@ class GoServerToOurClient(Base):
         self.assertEqual(result["sig"], {"action": "tcp", "remote": f"127.0.0.1:{result['user_port']}",
                                          "id": result["sig"]["id"]})
         self.assertNotEqual(result["sig"]["id"], "00000000")
+        self.assertEqual(result["line"], b'{"action":"tcp","remote":"127.0.0.1:%d","id":"%s"}'
+                         % (result["user_port"], result["sig"]["id"].encode()))
         self.assertEqual(result["in"], b"user->go")
         self.assertEqual(result["out"], b"go->user")
         self.assertEqual(result["eof"], b"")
@@ -390,15 +540,32 @@ class BadPeers(Base):
     @defer.inlineCallbacks
     def test_wrong_token_then_good_handshake(self) -> Any:
         tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        # No key in the URL: both ends derive it from the port text.
+        self.service(f"server://127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
+            peer = gopeer.GoClient(tport, gopeer.fnv_key(str(tport)))
             try:
                 result["bad"] = user_retry(lambda: peer.handshake(bearer=gopeer.token("other")))
                 result["good"] = peer.handshake()
                 assert peer.dial_pool() == "00000000"
+                ctl = peer.start_control()
+                ctl.wait_pongs(1)  # signals XORed with the derived key decode both ways
+                result["errors"] = list(ctl.errors)
+                # Single client only: a second handshake now gets raw pool ID bytes.
+                late = gopeer.connect(tport)
+                late.sendall(gopeer.go_request(peer.key))
+                data = b""
+                try:
+                    while chunk := late.recv(4096):
+                        data += chunk
+                except ConnectionResetError:
+                    pass  # we drop a pool connection that talks before use
+                result["late"] = data
+                late.close()
+                before = ctl.pongs
+                ctl.wait_pongs(before + 1)  # the running session is unaffected
             finally:
                 self.mark = len(self.records)
                 peer.close()
@@ -411,6 +578,10 @@ class BadPeers(Base):
         self.assertEqual(headers["content-type"], "text/plain; charset=utf-8")
         self.assertEqual(headers["x-content-type-options"], "nosniff")
         self.assertEqual(result["good"][0], "HTTP/1.1 200 OK")
+        self.assertEqual(result["errors"], [])
+        self.assertIn(len(result["late"]), (0, 4))  # an ID or nothing, never an HTTP answer
+        self.assertNotEqual(result["late"], b"\0\0\0\0")
+        self.assertNoRestart()
         self.assertLogged("unauthorized", Level.WARN)
 
     @defer.inlineCallbacks
@@ -461,8 +632,6 @@ class ServerPoolAndHealth(Base):
 
     @defer.inlineCallbacks
     def test_tls2_server_verify_carries_its_certificate_and_does_not_gate(self) -> Any:
-        from tests.test_tls import make_cert_files
-
         crt, key, der = make_cert_files(_tmpdir(self))
         tport, uport = two_ports()
         self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=2&crt={crt}&key={key}")
@@ -601,8 +770,6 @@ class ServerPoolAndHealth(Base):
 
 
 def _tmpdir(test: unittest.TestCase) -> str:
-    import os
-
     path = test.mktemp()
     os.makedirs(path)
     return path
@@ -613,8 +780,6 @@ class ClientTLSVerify(Base):
     """Our client with a tls=1 Go server: `verify` both ways, mismatch aborts."""
 
     def go_server(self, flow: str) -> tuple[gopeer.GoServer, str]:
-        from tests.test_tls import make_cert_files
-
         crt, key, der = make_cert_files(_tmpdir(self))
         peer = gopeer.GoServer(KEY, flow, tls=(crt, key))
         self.addCleanup(peer.close)
@@ -651,6 +816,8 @@ class ClientTLSVerify(Base):
         self.assertEqual(result["verify_line"], b'{"action":"verify","id":"%s","fp":"%s"}' % (v["id"].encode(),
                                                                                           fp.encode()))
         self.assertEqual((result["in"], result["out"]), (b"tls1 user", b"ok"))
+        self.assertEqual(set(peer.sni), {None})  # tls=1: no SNI
+        self.assertEqual(set(peer.versions), {"TLSv1.3"})
         self.assertLogged("TLS certificate fingerprint verified: " + fp, Level.INFO)
         self.assertNoRestart()
 
@@ -675,10 +842,30 @@ class ClientTLSVerify(Base):
 
 @defer.inlineCallbacks
 def wait_until(cond: Callable[[], bool], timeout: float = gopeer.TIMEOUT) -> Any:
-    from twisted.internet import task
-
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class PeerSelfCheck(unittest.TestCase):
+    """The scripted peer's own encoding reproduces the published test vectors."""
+
+    def test_vectors(self) -> None:
+        self.assertEqual([gopeer.fnv_key(p) for p in ("10101", "443", "8080")],
+                         ["e68be2b4", "2339c1b2", "40c0f1e5"])
+        self.assertEqual(gopeer.token("secret"),
+                         "f9e66e179b6747ae54108f82f8ade8b3c25d76fd30afde6c395822c530196169")
+        self.assertEqual(gopeer.token("e68be2b4"),
+                         "8940572756af096447802f92b4c843ac61de93b80af9d37a85ed994508656d7e")
+        enc = gopeer.encode_line
+        self.assertEqual(enc(gopeer.signal_json("ping"), "secret"), b"CEcCEREdHAtBSEcEGgsEUBg=\n")
+        self.assertEqual(enc(gopeer.signal_json("flush"), "secret"), b"CEcCEREdHAtBSEcSHxAQGkcJ\n")
+        self.assertEqual(
+            enc(gopeer.signal_json("tcp", remote="203.0.113.7:51234", id="9f86d081"), "secret"),
+            b"CEcCEREdHAtBSEcAEBVBXkcGFggMBgBWSUdRQlZaQ0tSQ1ZaRF9WQ1dHR0dPUAwQUV9BSwNMRQFTSlRWDg==\n",
+        )
+        self.assertEqual(enc(gopeer.signal_json("pong"), "e68be2b4"), b"HhRZARFbDVpHDBoSClwFFhg=\n")
+        self.assertEqual(gopeer.decode_line(b"HhRZARFbDVpHDBoSClwFFhg=\n", "e68be2b4"), b'{"action":"pong"}')
+        self.assertRegex(gopeer.fingerprint(b"x"), FP_RE)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from urllib.parse import unquote
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.python import log as twisted_log
 from twisted.trial import unittest
 
 from nodepass.env import Settings
@@ -107,14 +108,15 @@ class UdpEcho(DatagramProtocol):
 class Target:
     """A TCP target on 127.0.0.1 (and a UDP echo on the same port with ``udp``)."""
 
-    def __init__(self, test: unittest.TestCase, *, echo: bool = True, keep: bool = True, udp: bool = False) -> None:
+    def __init__(self, test: unittest.TestCase, *, echo: bool = True, keep: bool = True, udp: bool = False,
+                 port: int = 0) -> None:
         self.echo = echo
         self.keep = keep
         self.conns: list[Recorder] = []
         self.datagrams: list[bytes] = []
         factory = Factory.forProtocol(Recorder)
         factory.owner = self  # type: ignore[attr-defined]
-        port = free_port() if udp else 0
+        port = port or (free_port() if udp else 0)
         self.tcp: Any = reactor.listenTCP(port, factory, backlog=128, interface="127.0.0.1")
         self.port = int(self.tcp.getHost().port)
         self.udp: Any = reactor.listenUDP(self.port, UdpEcho(self), interface="127.0.0.1") if udp else None
@@ -245,7 +247,8 @@ class Pair(Logs):
     """A dual-end tunnel: flow ``-`` (server ingress, client dials *targets*) or ``+``."""
 
     def __init__(self, test: unittest.TestCase, targets: str, *, flow: str = "-", server_q: str = "",
-                 client_q: str = "", tls: int = 0, settings: Settings = FAST) -> None:
+                 client_q: str = "", tls: int = 0, settings: Settings = FAST,
+                 client_host: str = "127.0.0.1") -> None:
         super().__init__()
         self.test = test
         self.flow = flow
@@ -256,7 +259,7 @@ class Pair(Logs):
         spath, cpath, smode = (user, targets, 1) if flow == "-" else (targets, user, 2)
         self.server_url = (f"server://secret@127.0.0.1:{self.tunnel_port}/{spath}"
                            f"?tls={tls}&mode={smode}{server_q}")
-        self.client_url = f"client://secret@127.0.0.1:{self.tunnel_port}/{cpath}?mode=2&min=4{client_q}"
+        self.client_url = f"client://secret@{client_host}:{self.tunnel_port}/{cpath}?mode=2&min=4{client_q}"
         self.server: TunnelService | None = None
         self.client: TunnelService | None = None
 
@@ -333,7 +336,7 @@ class RateTests(unittest.TestCase):
         return factory, f"127.0.0.1:{port.getHost().port}"
 
     @defer.inlineCallbacks
-    def upload(self, pair: Pair) -> Any:
+    def upload(self, pair: Pair | Single) -> Any:
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", pair.user_port, timeout=5)
         sender = yield endpoint.connect(Factory.forProtocol(Sender))
 
@@ -365,9 +368,27 @@ class RateTests(unittest.TestCase):
         yield sleep(0.5)
         measured = yield self.measure(factory, 2.0)
         expected = self.RATE_MBIT * 125_000
+        twisted_log.msg(f"rate=20 measured {measured * 8 / 1e6:.2f} Mbit/s")
         self.assertTrue(abs(measured - expected) <= 0.10 * expected,
                         f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {self.RATE_MBIT} +/- 10%")
         self.assertGreater(pair.ingress.stats.tcprx, 0)
+
+    @defer.inlineCallbacks
+    def test_measurement_rate_20_mbit_single_end_within_10_percent(self) -> Any:
+        """Measurement: a single-end client with rate=20 forwards at 20 Mbit/s +/- 10 %."""
+        factory, target = self.sink()
+        single = Single(self, target, f"&rate={self.RATE_MBIT}")
+        yield wait_for(lambda: single.service.stats.mode == 1, 5.0, "listening")
+        yield self.upload(single)
+        throttle = single.service.policy.throttle
+        self.assertIsNotNone(throttle)
+        yield wait_for(lambda: throttle.read_bucket.tokens <= 0, 10.0, "throttle engaged")
+        yield sleep(0.5)
+        measured = yield self.measure(factory, 2.0)
+        expected = self.RATE_MBIT * 125_000
+        twisted_log.msg(f"single-end rate=20 measured {measured * 8 / 1e6:.2f} Mbit/s")
+        self.assertTrue(abs(measured - expected) <= 0.10 * expected,
+                        f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {self.RATE_MBIT} +/- 10%")
 
     @defer.inlineCallbacks
     def test_rate_0_is_many_times_faster_than_the_limit(self) -> Any:
@@ -380,6 +401,7 @@ class RateTests(unittest.TestCase):
         yield sleep(0.2)
         measured = yield self.measure(factory, 1.0)
         ratio = measured / (self.RATE_MBIT * 125_000)
+        twisted_log.msg(f"rate=0 measured {measured * 8 / 1e6:.2f} Mbit/s ({ratio:.1f}x)")
         self.assertGreater(ratio, 3.0, f"unlimited throughput only {ratio:.1f}x the 20 Mbit/s limit")
 
 
@@ -419,6 +441,21 @@ class SlotTests(unittest.TestCase):
         self.assertEqual(len(target.sessions), 1)
         self.assertTrue(pair.has("client", "TCP slot limit reached: 1/1", Level.ERROR))
 
+    @defer.inlineCallbacks
+    def test_egress_udp_session_takes_a_slot(self) -> Any:
+        target = Target(self, udp=True)
+        pair = yield Pair(self, target.addr, client_q="&slot=1").start()
+        user = yield echo_once(self, pair.user_port, b"first user.")
+        udp = udp_user(self)
+        yield self.assertFailure(udp.ask(b"datagram", pair.user_port, timeout=1.0), defer.TimeoutError)
+        self.assertEqual(target.datagrams, [])
+        self.assertTrue(pair.has("client", "UDP slot limit reached", Level.ERROR))
+        user.transport.loseConnection()
+        yield wait_for(lambda: pair.client.stats.tcps == 0, 10.0, "slot released")  # type: ignore[union-attr]
+        # The refused peer's next datagram opens a new session that gets the free slot.
+        reply = yield udp.ask(b"datagram", pair.user_port, timeout=5.0)
+        self.assertEqual(reply, b"datagram")
+
 
 # == read ==========================================================================================
 class ReadTimeoutTests(unittest.TestCase):
@@ -442,6 +479,14 @@ class ReadTimeoutTests(unittest.TestCase):
         yield wait_for(lambda: len(active.data) >= sent, 5.0, "active echo")
         # Once it stops talking it is closed too.
         yield defer.Deferred.addTimeout(active.closed, 10, reactor)
+
+    @defer.inlineCallbacks
+    def test_read_single_end_closes_idle(self) -> Any:
+        target = Target(self)
+        single = Single(self, target.addr, "&read=500ms")
+        yield wait_for(lambda: single.service.stats.mode == 1, 5.0, "listening")
+        idle = yield echo_once(self, single.user_port, b"idle user...")
+        yield defer.Deferred.addTimeout(idle.closed, 10, reactor)
 
     @defer.inlineCallbacks
     def test_read_0_keeps_idle_connection(self) -> Any:
@@ -566,6 +611,15 @@ class NoProtocolTests(unittest.TestCase):
         self.assertEqual(user.data, b"")
 
     @defer.inlineCallbacks
+    def test_noudp_egress_ignores_udp_signal(self) -> Any:
+        target = Target(self, udp=True)
+        pair = yield Pair(self, target.addr, client_q="&noudp=1").start()
+        yield self.assertFailure(udp_user(self).ask(b"over udp", pair.user_port, timeout=1.0),
+                                 defer.TimeoutError)
+        self.assertEqual(target.datagrams, [])
+        yield echo_once(self, pair.user_port, PLAIN)
+
+    @defer.inlineCallbacks
     def test_noudp_single_end_does_not_listen_udp(self) -> Any:
         target = Target(self, udp=True)
         single = Single(self, target.addr, "&noudp=1")
@@ -627,6 +681,17 @@ class DialTests(unittest.TestCase):
                 parse_tunnel_url(f"client://k@127.0.0.1:10101/127.0.0.1:80?dial={bad}")
             self.assertIn("dial", str(ctx.exception))
             self.assertIn(bad, str(ctx.exception))
+        # The command line refuses it before anything starts.
+        import io
+        from unittest import mock
+
+        from nodepass import cli
+
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.object(cli.sys, "stdout", out), mock.patch.object(cli.sys, "stderr", err):
+            status = cli.main(["client://k@127.0.0.1:10101/127.0.0.1:80?dial=eth0"])
+        self.assertEqual(status, 1)
+        self.assertIn("invalid URL: invalid dial='eth0'", err.getvalue())
 
 
 # == dns ===========================================================================================
@@ -642,6 +707,16 @@ class DnsTests(unittest.TestCase):
         pair = yield Pair(self, f"localhost:{target.port}", client_q="&dns=30s").start()
         yield echo_once(self, pair.user_port)
         self.assertEqual(len(target.sessions), 1)
+
+    @defer.inlineCallbacks
+    def test_localhost_tunnel_host(self) -> Any:
+        """The client resolves a named tunnel host for the handshake and every pool dial."""
+        target = Target(self)
+        pair = yield Pair(self, target.addr, client_host="localhost", client_q="&dns=1m").start()
+        yield echo_once(self, pair.user_port)
+        # The effective server name defaults to the named tunnel host (the `config` string
+        # keeps the literal default `sni=none`, as the Go master writes it).
+        self.assertTrue(pair.has("client", "&sni=localhost&"))
 
     @defer.inlineCallbacks
     def test_localhost_target_single_end(self) -> Any:
@@ -668,6 +743,14 @@ class LbsTests(unittest.TestCase):
         for i in range(4):
             yield echo_once(self, pair.user_port, b"round %d....." % i)
         self.assertEqual(len(alive.sessions), 4)
+
+    @defer.inlineCallbacks
+    def test_lbs0_round_robin_spreads_connections(self) -> Any:
+        first, second = Target(self), Target(self)
+        pair = yield Pair(self, f"{first.addr},{second.addr}").start()
+        for i in range(4):
+            yield echo_once(self, pair.user_port, b"round %d....." % i)
+        self.assertEqual((len(first.sessions), len(second.sessions)), (2, 2))
 
     @defer.inlineCallbacks
     def test_lbs2_primary_while_up_backup_when_down(self) -> Any:
@@ -697,11 +780,38 @@ class LbsTests(unittest.TestCase):
 
         policy.probe_latency = counting
         yield sleep(1.0)
-        self.assertGreaterEqual(len(calls), 3, "lbs=1 probes are not sent every report tick")
+        self.assertGreaterEqual(len(calls), 2, "lbs=1 probes are not sent every report tick")
         self.assertEqual(pair.ingress.policy.selector.latency, {}, "the ingress side must not probe")
         yield echo_once(self, pair.user_port)
         self.assertEqual(len(alive.sessions), 1)
         self.assertFalse(pair.has("client", "Target dial failed"))
+
+    @defer.inlineCallbacks
+    def test_lbs2_returns_to_primary_after_fallback_interval(self) -> Any:
+        primary, backup = Target(self), Target(self)
+        port = primary.port
+        settings = Settings(report_interval=0.2, service_cooldown=0.2, handshake_timeout=2.0,
+                            pool_get_timeout=2.0, fallback_interval=0.5)
+        pair = yield Pair(self, f"{primary.addr},{backup.addr}", client_q="&lbs=2", settings=settings).start()
+        yield primary.stop()
+        yield echo_once(self, pair.user_port)
+        self.assertEqual(len(backup.sessions), 1)
+        # The primary comes back on the same port; after the fallback interval it is used again.
+        revived = Target(self, port=port)
+        yield sleep(0.6)
+        yield echo_once(self, pair.user_port)
+        yield echo_once(self, pair.user_port)
+        self.assertEqual((len(revived.sessions), len(backup.sessions)), (2, 1))
+
+    @defer.inlineCallbacks
+    def test_lbs1_forward_mode_server_probes(self) -> Any:
+        alive = Target(self)
+        pair = yield Pair(self, f"{dead_addr()},{alive.addr}", flow="+", server_q="&lbs=1").start()
+        selector = pair.server.policy.selector  # type: ignore[union-attr]
+        yield wait_for(lambda: selector.preferred == 1 and 1 in selector.latency, 5.0, "server probe")
+        self.assertEqual(pair.client.policy.selector.latency, {})  # type: ignore[union-attr]
+        yield echo_once(self, pair.user_port)
+        self.assertEqual(len(alive.sessions), 1)
 
     @defer.inlineCallbacks
     def test_lbs1_prefers_the_faster_target(self) -> Any:

@@ -102,6 +102,22 @@ class ServerPoolTests(unittest.TestCase):
         ctl.close()
 
     @defer.inlineCallbacks
+    def test_incoming_get_oldest_or_newest(self) -> Any:
+        readers = []
+        for _ in range(4):  # control + three data connections, in arrival order
+            r = yield self.connect()
+            yield wait_for(lambda r=r: len(r.data) == 4)
+            readers.append(r)
+        yield wait_for(lambda: self.pool.active == 4)
+        ids = [r.data.hex() for r in readers[1:]]
+        cid, first = yield self.pool.incoming_get(1.0)
+        self.assertEqual(cid, ids[0])
+        cid, last = yield self.pool.incoming_get(1.0, newest=True)
+        self.assertEqual(cid, ids[2])
+        first.close()
+        last.close()
+
+    @defer.inlineCallbacks
     def test_foreign_ip_refused(self) -> Any:
         r = yield self.connect(bind="127.0.0.2")
         yield r.closed

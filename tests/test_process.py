@@ -16,7 +16,7 @@ from typing import Any
 
 import treq
 from twisted.internet import endpoints, protocol
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -152,7 +152,7 @@ def echo_through(port: int, payload: bytes, timeout: float = 20.0) -> Any:
             continue
         proto.transport.write(payload)
         try:
-            yield wait_for(lambda: len(proto.data) >= len(payload), timeout=timeout)
+            yield wait_for(lambda p=proto: len(p.data) >= len(payload), timeout=timeout)
         finally:
             proto.transport.loseConnection()
         return proto.data
@@ -264,9 +264,24 @@ class MasterProcessTests(TestCase):
         self.assertEqual(code, 201, client)
         code, _ = yield api.call("PATCH", f"/instances/{client['id']}", {"meta": {"tags": {"env": "test"}}})
         self.assertEqual(code, 200)
+        code, manual = yield api.call(
+            "POST", "/instances", {"url": f"server://127.0.0.1:{free_port()}/127.0.0.1:9", "alias": "manual"}
+        )
+        self.assertEqual(code, 201, manual)
+        code, _ = yield api.call("PATCH", f"/instances/{manual['id']}", {"restart": False})
+        self.assertEqual(code, 200)
         payload = b"nodepass-process-" * 1000
         got = yield echo_through(local_port, payload)
         self.assertEqual(got, payload)
+        live = yield wait_for_counters(api, client["id"], len(payload))
+        # a long-running process must not log per connection (twistd's "Starting factory" lines)
+        noise = re.compile(r"(Starting|Stopping) (factory|protocol)")
+        before_noise = sum(1 for line in proc.lines if noise.search(line))
+        for i in range(5):
+            got = yield echo_through(local_port, b"quiet %d" % i)
+        yield deferLater(reactor, 0.5, lambda: None)
+        noisy = [line for line in proc.lines if noise.search(line)]
+        self.assertEqual(len(noisy), before_noise, noisy[-6:])
         live = yield wait_for_counters(api, client["id"], len(payload))
         reader = yield api.subscribe()
         yield wait_for(lambda: reader.of_type("initial"))
@@ -280,7 +295,8 @@ class MasterProcessTests(TestCase):
 
         # the state on disk: valid JSON, every instance, counters, no temporaries left
         saved = state_instances(state_dir)
-        self.assertEqual(set(saved), {server["id"], client["id"]})
+        self.assertEqual(set(saved), {server["id"], client["id"], manual["id"]})
+        self.assertFalse(saved[manual["id"]]["restart"])
         self.assertEqual(saved[client["id"]]["alias"], "cli")
         self.assertEqual(saved[client["id"]]["meta"]["tags"], {"env": "test"})
         self.assertGreaterEqual(saved[client["id"]]["tcprx"], live["tcprx"])
@@ -295,12 +311,13 @@ class MasterProcessTests(TestCase):
         proc2 = spawn(self, self.master_args(0), state_dir)
         api2 = yield MasterClient(self, proc2).connect()
         self.assertEqual((api2.key_word, api2.key), ("loaded", api.key))
-        yield proc2.wait_line(re.escape(f"Auto-starting instance: ") + ".*" + client["id"])
+        yield proc2.wait_line("Auto-starting instance: " + ".*" + client["id"])
         after = yield api2.instances()
-        self.assertEqual(set(after), {server["id"], client["id"]})
-        for item in after.values():
+        self.assertEqual(set(after), {server["id"], client["id"], manual["id"]})
+        for item in (after[server["id"]], after[client["id"]]):
             self.assertEqual(item["status"], "running", item)
             self.assertTrue(item["restart"])
+        self.assertEqual((after[manual["id"]]["status"], after[manual["id"]]["alias"]), ("stopped", "manual"))
         self.assertEqual(after[server["id"]]["alias"], "srv")
         self.assertEqual(after[client["id"]]["alias"], "cli")
         self.assertEqual(after[client["id"]]["meta"]["tags"], {"env": "test"})
@@ -361,6 +378,7 @@ class BadInputTests(TestCase):
 
     @inlineCallbacks
     def test_bad_requests_keep_master_and_state(self) -> Any:
+        """Malformed, huge, deeply nested bodies, bad URLs, ids and meta: 4xx, nothing changes."""
         state_dir = os.path.abspath(self.mktemp())
         os.makedirs(state_dir)
         tunnel_port = free_port()
@@ -443,6 +461,7 @@ class BadInputTests(TestCase):
 
     @inlineCallbacks
     def test_corrupt_state_falls_back_to_backup(self) -> Any:
+        """A main state file truncated while the master is down: the backup is loaded, with ERROR lines."""
         state_dir = os.path.abspath(self.mktemp())
         os.makedirs(state_dir)
         tunnel_port = free_port()
@@ -478,6 +497,49 @@ class BadInputTests(TestCase):
         self.assertEqual(status, (0, None))
 
 
+class CrashTests(TestCase):
+    """SIGKILL in the middle of a burst of saves leaves a whole, loadable state file."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_sigkill_during_saves(self) -> Any:
+        """SIGKILL during a burst of PATCHes: the state file parses and loads; temporaries are cleaned."""
+        state_dir = os.path.abspath(self.mktemp())
+        os.makedirs(state_dir)
+        args = ["-m", "nodepass", "master://127.0.0.1:0?log=info"]
+        proc = spawn(self, args, state_dir)
+        api = yield MasterClient(self, proc).connect()
+        code, server = yield api.call(
+            "POST", "/instances", {"url": f"server://127.0.0.1:{free_port()}/127.0.0.1:9", "alias": "a0"}
+        )
+        self.assertEqual(code, 201)
+        pending = [
+            api.call("PATCH", f"/instances/{server['id']}", {"alias": f"a{i}", "meta": {"tags": {"i": str(i)}}})
+            for i in range(1, 60)
+        ]
+        for d in pending:
+            d.addErrback(lambda _: None)  # the requests in flight fail when the process dies
+        yield wait_for(lambda: len([d for d in pending if d.called]) >= 10, timeout=60)
+        proc.signal("KILL")
+        status = yield proc.wait_exit()
+        self.assertEqual(status, (None, signal.SIGKILL))
+        yield DeferredList(pending)  # every request ends (answered or refused) before we go on
+        saved = state_instances(state_dir)  # parses: never half-written
+        self.assertEqual(list(saved), [server["id"]])
+        self.assertRegex(saved[server["id"]]["alias"], r"^a\d+$")
+
+        proc2 = spawn(self, args, state_dir)
+        api2 = yield MasterClient(self, proc2).connect()
+        self.assertEqual((api2.key_word, api2.key), ("loaded", api.key))
+        items = yield api2.instances()
+        self.assertEqual(items[server["id"]]["alias"], saved[server["id"]]["alias"])
+        self.assertEqual([n for n in os.listdir(state_dir) if n.endswith(".tmp")], [])
+        proc2.signal("TERM")
+        status = yield proc2.wait_exit()
+        self.assertEqual(status, (0, None))
+
+
 class TunnelProcessTests(TestCase):
     """``python -m nodepass server://…`` and ``client://…`` as two processes."""
 
@@ -485,14 +547,23 @@ class TunnelProcessTests(TestCase):
 
     @inlineCallbacks
     def test_two_processes_carry_traffic_and_stop_on_sigint(self) -> Any:
+        """Echo traffic across two processes; garbage and silent peers on the tunnel port; SIGINT → exit 0."""
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
         echo_port = echo_server(self)
         tunnel_port, local_port = free_port(), free_port()
         server = spawn(
-            self, ["-m", "nodepass", f"server://pw@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?log=info"], work
+            self, ["-m", "nodepass", f"server://pw@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?log=info"], work,
+            NP_HANDSHAKE_TIMEOUT="2s",
         )
-        yield server.wait_line("Server started")
+        yield server.wait_line("Pending tunnel handshake")  # the tunnel port listens
+        # garbage before any client: each connection is refused and closed by the server
+        # (b"" and a partial request: silent peers are closed after NP_HANDSHAKE_TIMEOUT)
+        junks = (b"\x00" * 4096, b"GET / HTTP/1.1\r\n\r\n", os.urandom(2048), b"\r\n" * 100, b"", b"GET / HTTP/1.1\r\n")
+        results = yield DeferredList(
+            [raw_garbage(tunnel_port, junk, must_close=True, wait=20) for junk in junks], consumeErrors=True
+        )
+        self.assertEqual([r for ok, r in results if not ok], [])
         client = spawn(
             self, ["-m", "nodepass", f"client://pw@127.0.0.1:{tunnel_port}/127.0.0.1:{local_port}?min=2"], work
         )
@@ -501,7 +572,7 @@ class TunnelProcessTests(TestCase):
         got = yield echo_through(local_port, payload)
         self.assertEqual(got, payload)
 
-        # garbage on the tunnel port: refused, nothing else disturbed
+        # garbage on the tunnel port once the tunnel is up: nothing else is disturbed
         for junk in (b"\x00" * 4096, b"GET / HTTP/1.1\r\n\r\n", os.urandom(2048), b"\r\n" * 100):
             yield raw_garbage(tunnel_port, junk)
         got = yield echo_through(local_port, payload)
@@ -517,8 +588,8 @@ class TunnelProcessTests(TestCase):
 
 
 @inlineCallbacks
-def raw_garbage(port: int, junk: bytes) -> Any:
-    """Connect, send *junk*, and wait until the peer closes (or give up and close ourselves)."""
+def raw_garbage(port: int, junk: bytes, *, must_close: bool = False, wait: float = 1.0) -> Any:
+    """Connect, send *junk*, and wait until the peer closes (or, unless *must_close*, close ourselves)."""
     closed: list[bool] = []
 
     class _P(protocol.Protocol):
@@ -530,7 +601,8 @@ def raw_garbage(port: int, junk: bytes) -> Any:
 
     proto = yield endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), _P())
     try:
-        yield wait_for(lambda: closed, timeout=10)
+        yield wait_for(lambda: closed, timeout=wait)
     except AssertionError:
-        print("NOT CLOSED", junk[:10])
+        if must_close:
+            raise
         proto.transport.abortConnection()

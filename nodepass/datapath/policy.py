@@ -230,6 +230,8 @@ class DataPolicy:
         Fires with the protocol *factory* built for the one successful
         connection, or fails with ``AllTargetsFailed``.
         """
+        if getattr(factory, "noisy", False):
+            factory.noisy = False  # type: ignore[attr-defined]  # one per connection: no log lines
         try:
             return self.dialer.connect_tcp(factory)
         except Exception:

@@ -330,6 +330,7 @@ class TargetDialer:
 
         def connect(addr: tuple[str, int]) -> Deferred[IProtocol]:
             factory = Factory.forProtocol(_Closer)
+            factory.noisy = False
             return self._endpoint(addr[0], addr[1], self.probe_timeout, None).connect(factory)
 
         d.addCallback(connect)

@@ -182,7 +182,7 @@ class _Utf8Paths(Resource):
         except UnicodeDecodeError:
             _set_cors(request)
             return _error(request, 400, "Invalid request path: not UTF-8")
-        return self.inner.render(request)
+        return self.inner.render(request)  # type: ignore[no-untyped-call]
 
 
 class MasterAPI:

@@ -198,6 +198,8 @@ class PoolConnection(RelayProtocol):
 
 
 class _Factory(Factory):
+    noisy = False
+
     def __init__(self, pool: _PoolBase, is_server: bool, tls: bool) -> None:
         self.pool = pool
         self.is_server = is_server
@@ -295,11 +297,20 @@ class _PoolBase:
         return conn
 
     # -- API -------------------------------------------------------------------
-    def incoming_get(self, timeout: float) -> defer.Deferred[tuple[str, PoolConnection]]:
-        """The oldest idle connection (never the control one), waiting up to ``timeout``."""
+    def incoming_get(
+        self, timeout: float, *, newest: bool = False
+    ) -> defer.Deferred[tuple[str, PoolConnection]]:
+        """The oldest idle connection (never the control one), waiting up to ``timeout``.
+
+        ``newest=True`` takes the most recently added one instead: the TLS
+        ``verify`` sender uses it so that it does not pick the connection a
+        NodePass peer (which takes its oldest) is about to name in its own
+        ``verify`` at the same moment.
+        """
         if self.closed:
             return defer.fail(PoolError("IncomingGet: pool closed"))
-        for cid in list(self._idle):
+        candidates = list(self._idle)
+        for cid in reversed(candidates) if newest else candidates:
             if cid == CONTROL_ID:
                 continue
             conn = self._take(cid)
@@ -573,6 +584,8 @@ class ClientPool(_PoolBase):
         pool = self
 
         class F(ClientFactory):
+            noisy = False  # one factory per pool connection: no "Starting factory" log lines
+
             def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
                 p = PoolConnection(pool, False, pool.tls_creator is not None)
 

@@ -396,6 +396,8 @@ def client_handshake(
     request = build_request(key, server_name)
 
     class F(ClientFactory):
+        noisy = False  # one factory per attempt: no "Starting factory" log lines
+
         def buildProtocol(self, addr: IAddress | None) -> Protocol:
             p = _ClientProtocol(request, raw)
             protos.append(p)

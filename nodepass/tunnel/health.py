@@ -44,6 +44,7 @@ from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.pool.tcp import PoolConnection, PoolError
 from nodepass.stats import TunnelStats
+from nodepass.tunnel.relay import direct_writer
 from nodepass.tunnel.signals import LineSplitter, Signal, SignalError, decode, encode
 
 __all__ = ["ControlChannel"]
@@ -88,6 +89,7 @@ class ControlChannel:
         self._calls: list[Any] = []
         self._stopped = False
         self._recent_verify: dict[str, str] = {}
+        self._write: Callable[[bytes], None] | None = None
         self.verified = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -152,7 +154,12 @@ class ControlChannel:
         """Queue one signal on the control connection."""
         if self._stopped or self.conn.lost or self.conn.transport is None:
             return
-        self.conn.transport.write(encode(signal, self.key))
+        write = self._write
+        if write is None:
+            # Sent at once rather than on the next reactor pass: a ``tcp``
+            # signal is on the critical path of every new connection.
+            write = self._write = direct_writer(self.conn.transport)
+        write(encode(signal, self.key))
 
     # -- reading -----------------------------------------------------------------
     def _data(self, data: bytes) -> None:
@@ -233,7 +240,7 @@ class ControlChannel:
     @defer.inlineCallbacks
     def _send_verify(self) -> Any:
         try:
-            cid, conn = yield self.pool.incoming_get(self.settings.pool_get_timeout)
+            cid, conn = yield self.pool.incoming_get(self.settings.pool_get_timeout, newest=True)
         except PoolError as exc:
             self.logger.error("incomingVerify: incomingGet failed: %s", exc)
             self._fail(f"incomingVerify: {exc}")

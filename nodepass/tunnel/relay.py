@@ -51,7 +51,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -60,12 +60,13 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass.stats import TunnelStats
 
-__all__ = ["RelayProtocol", "join", "set_nodelay", "ThrottleLike"]
+__all__ = ["RelayProtocol", "join", "set_nodelay", "direct_writer", "ThrottleLike"]
 
 DEFAULT_BUFFER_LIMIT = 256 * 1024
 
@@ -91,6 +92,56 @@ def set_nodelay(transport: Any) -> None:
             return
         transport = getattr(transport, "transport", None)
         seen += 1
+
+
+def direct_writer(transport: Any) -> Callable[[bytes], None]:
+    """A ``write`` for ``transport`` that sends at once when nothing is queued.
+
+    Twisted's ``write`` always queues and sends on the next reactor pass,
+    which costs a writer registration, a poll round and an unregistration
+    per chunk.  For a plain TCP transport whose queue is empty this hands the
+    chunk straight to the socket (``writeSomeData``) and queues only what the
+    kernel did not take, so ordering, back-pressure (the queue still pauses a
+    registered producer) and error handling stay Twisted's.
+
+    A TLS transport normally holds every write smaller than 64 kB back
+    until the next reactor pass (and copies each one) to batch small
+    writes; a relay chunk is already one read's worth, so it goes to the TLS
+    layer at once, after anything the batcher still holds.  Any other
+    transport (test transports) gets its own ``write``.
+    """
+    batcher = getattr(transport, "_aggregator", None)
+    if isinstance(transport, TLSMemoryBIOProtocol) and isinstance(batcher, _AggregateSmallWrites):
+        tls_t: Any = transport
+        tls_write: Any = TLSMemoryBIOProtocol.write
+        agg: Any = batcher
+
+        def write_tls(data: bytes) -> None:
+            if agg._buffer:
+                agg.flush()
+            tls_write(tls_t, data)
+
+        return write_tls
+    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False):
+        return transport.write  # type: ignore[no-any-return]
+    t: Any = transport
+
+    def write(data: bytes) -> None:
+        if (
+            t.connected
+            and not t.disconnecting
+            and not t._writeDisconnecting
+            and not t._tempDataLen
+            and t.offset == len(t.dataBuffer)
+        ):
+            sent = t.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent >= len(data):
+                    return
+                data = data[sent:]
+        t.write(data)
+
+    return write
 
 
 def _reason_text(reason: Failure | None) -> str:
@@ -332,6 +383,7 @@ def join(
 
     def make_sink(src: RelayProtocol, dst: RelayProtocol) -> Callable[[bytes], None]:
         dst_transport = dst.transport
+        dst_write = direct_writer(dst_transport) if dst_transport is not None else None
         count_rx = stats is not None and src is counted
         count_tx = stats is not None and dst is counted
         charge_read = throttle is not None and src is counted
@@ -346,8 +398,8 @@ def join(
                 last_read[key] = time.monotonic()
             if count_rx:
                 stats.tcprx += n  # type: ignore[union-attr]
-            if not dst.lost and dst_transport is not None:
-                dst_transport.write(data)
+            if not dst.lost and dst_write is not None:
+                dst_write(data)
                 if count_tx:
                     stats.tcptx += n  # type: ignore[union-attr]
             if charge_read:

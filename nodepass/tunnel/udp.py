@@ -358,6 +358,8 @@ class TargetSocket(DatagramProtocol):
     tunnel's UDPRX/UDPTX (egress side) or not (single-end mode).
     """
 
+    noisy = False  # one socket per UDP session: no "Starting protocol" log lines
+
     def __init__(
         self,
         *,
