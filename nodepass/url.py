@@ -26,6 +26,7 @@ from typing import Literal, Union
 from urllib.parse import quote_plus, unquote
 
 from nodepass.durations import format_duration, parse_duration
+from nodepass.net import join_host_port
 
 __all__ = [
     "URLError",
@@ -93,9 +94,7 @@ class HostPort:
         return ip is not None and ip.version == 6
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

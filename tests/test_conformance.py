@@ -10,27 +10,28 @@ tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from nodepass.env import Settings
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level, LogRecord
 from nodepass.tunnel import TunnelService, make_tunnel_service
 from nodepass.url import parse_tunnel_url
 from tests import gopeer
-from tests.test_tls import make_cert_files
-from tests.test_tunnel_tcp import free_port
+from tests.support import Echo as _PlainEcho
+from tests.support import UdpEcho as _PlainUdpEcho
+from tests.support import free_port, free_ports, make_cert_files, new_dir, quiet_logger, sleep
 
 reactor: Any = _reactor
 
@@ -39,40 +40,12 @@ FP_RE = re.compile(r"^sha256:([0-9A-F]{2}:){31}[0-9A-F]{2}$")
 KEY = "secret"
 
 
-class Echo(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(b"echo:" + data)  # type: ignore[union-attr]
+class Echo(_PlainEcho):
+    prefix = b"echo:"
 
 
-class UDPEcho(DatagramProtocol):
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.transport.write(b"echo:" + data, addr)  # type: ignore[union-attr]
-
-
-def two_ports() -> tuple[int, int]:
-    """Two distinct ports free for TCP and UDP on 127.0.0.1."""
-    while True:
-        a, b = free_port(), free_port()
-        if a != b:
-            return a, b
-
-
-def free_port6() -> int:
-    """A port free for TCP and UDP on ::1."""
-    for _ in range(50):
-        t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        try:
-            t.bind(("::1", 0))
-            port = int(t.getsockname()[1])
-            u.bind(("::1", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-    raise RuntimeError("no free IPv6 port")
+class UDPEcho(_PlainUdpEcho):
+    prefix = b"echo:"
 
 
 def user_connect(port: int, timeout: float = gopeer.TIMEOUT, host: str = "127.0.0.1") -> socket.socket:
@@ -85,6 +58,38 @@ def user_connect(port: int, timeout: float = gopeer.TIMEOUT, host: str = "127.0.
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def user_retry(fn: Callable[[], Any], timeout: float = gopeer.TIMEOUT) -> Any:
+    """Run a connecting step until the listener accepts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (ConnectionRefusedError, ConnectionResetError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def open_session(peer: gopeer.GoClient, pool: int) -> gopeer.Control:
+    """Handshake (retried until our server listens), dial *pool* pool connections, open the control."""
+    user_retry(peer.handshake)
+    for _ in range(pool):
+        peer.dial_pool()
+    return peer.start_control()
+
+
+def user_to_peer(peer: gopeer.GoClient, ctl: gopeer.Control, uport: int, payload: bytes) -> bytes:
+    """A user sends *payload* to our ingress *uport*; return what the peer reads on the announced pool connection."""
+    user = user_connect(uport)
+    user.sendall(payload)
+    sig = ctl.expect("tcp")
+    conn = peer.take(sig["id"])
+    data = gopeer.recv_exact(conn, len(payload))
+    conn.close()
+    user.close()
+    return data
 
 
 def udp_user() -> socket.socket:
@@ -102,8 +107,7 @@ class Base(unittest.TestCase):
         self.mark: int | None = None  # log lines before the peer hung up on purpose
 
     def service(self, url: str, settings: Settings = SETTINGS) -> TunnelService:
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(self.records.append)
+        logger = quiet_logger("debug", self.records)
         svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=settings)
         self.addCleanup(lambda: svc.running and svc.stopService())
         svc.startService()
@@ -123,6 +127,22 @@ class Base(unittest.TestCase):
 
     def run_peer(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
         return threads.deferToThread(fn)
+
+    @contextlib.contextmanager
+    def hanging_up(self, peer: Any) -> Iterator[Any]:
+        """Use *peer* in the block; on leaving it, mark the log (what follows may be caused by
+        the peer hanging up on purpose, see :meth:`assertNoRestart`) and close the peer."""
+        try:
+            yield peer
+        finally:
+            self.mark = len(self.records)
+            peer.close()
+
+    def reverse_server(self, query: str = "") -> tuple[int, int]:
+        """Start our server in mode 1 (key ``KEY``, extra *query*); return (tunnel port, ingress port)."""
+        tport, uport = free_ports(2)
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1{query}")
+        return tport, uport
 
     def echo_targets(self) -> int:
         """A TCP and a UDP echo on one free port (the egress target)."""
@@ -149,13 +169,11 @@ class GoClientToOurServer(Base):
     @defer.inlineCallbacks
     def test_reverse_handshake_ping_tcp_udp(self) -> Any:
         """Handshake bytes, pool IDs, ping/pong lines, `tcp` and `udp` sessions (flow -)."""
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&max=7&tls=0")
+        tport, uport = self.reverse_server("&max=7&tls=0")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
                 status, headers, body = user_retry(peer.handshake)
                 result["status"], result["headers"], result["body"] = status, headers, body
                 result["ids"] = self.check_pool_ids(peer, 4)
@@ -194,9 +212,6 @@ class GoClientToOurServer(Base):
                 uconn.close()
                 result["lines"] = list(ctl.lines)
                 result["errors"] = list(ctl.errors)
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["status"], "HTTP/1.1 200 OK")
@@ -232,13 +247,11 @@ class GoClientToOurServer(Base):
     @defer.inlineCallbacks
     def test_tls1_verify_then_tcp(self) -> Any:
         """tls=1: TLS 1.3 pool, `verify` both ways, ingress opens after our verify."""
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=1")
+        tport, uport = self.reverse_server("&tls=1")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY, tls=True)
-            try:
+            with self.hanging_up(gopeer.GoClient(tport, KEY, tls=True)) as peer:
                 _, _, body = user_retry(peer.handshake)
                 result["body"] = body
                 self.check_pool_ids(peer, 6)  # verify (newest), tcp and udp each take one
@@ -291,9 +304,6 @@ class GoClientToOurServer(Base):
                 result["udp_out"] = udp.recvfrom(16384)[0]
                 udp.close()
                 uconn.close()
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["body"], b'{"flow":"-","max":1024,"tls":"1","type":"0"}\n')
@@ -318,17 +328,13 @@ class GoClientToOurServer(Base):
     @defer.inlineCallbacks
     def test_ipv6_user_remote_is_bracketed(self) -> Any:
         """The `remote` of a user on an IPv6 target listener reads `[::1]:port`."""
-        tport, uport = free_port(), free_port6()
+        tport, uport = free_port(), free_port("::1")
         self.service(f"server://{KEY}@127.0.0.1:{tport}/[::1]:{uport}?mode=1")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
-                user_retry(peer.handshake)
-                for _ in range(3):
-                    peer.dial_pool()
-                ctl = peer.start_control()
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
+                ctl = open_session(peer, 3)
                 user = user_connect(uport, host="::1")
                 user.sendall(b"v6")
                 sig = ctl.expect("tcp")
@@ -337,9 +343,6 @@ class GoClientToOurServer(Base):
                 result["in"] = gopeer.recv_exact(conn, 2)
                 conn.close()
                 user.close()
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["remote"], f"[::1]:{result['port']}")
@@ -356,8 +359,7 @@ class GoClientToOurServer(Base):
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
                 _, _, body = user_retry(peer.handshake)
                 result["body"] = body
                 self.check_pool_ids(peer, 4)
@@ -373,9 +375,6 @@ class GoClientToOurServer(Base):
                 result["udp"] = conn.recv(16384)
                 conn.close()
                 ctl.wait_pongs(1)
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["body"], b'{"flow":"+","max":1024,"tls":"0","type":"0"}\n')
@@ -383,18 +382,6 @@ class GoClientToOurServer(Base):
         self.assertEqual(result["udp"], b"echo:forward-udp")
         self.assertLogged("CHECK_POINT|MODE=2|", Level.EVENT)
         self.assertNoRestart()
-
-
-def user_retry(fn: Callable[[], Any], timeout: float = gopeer.TIMEOUT) -> Any:
-    """Run a connecting step until the listener accepts."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except (ConnectionRefusedError, ConnectionResetError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,14 +526,13 @@ class BadPeers(Base):
 
     @defer.inlineCallbacks
     def test_wrong_token_then_good_handshake(self) -> Any:
-        tport, uport = two_ports()
+        tport, uport = free_ports(2)
         # No key in the URL: both ends derive it from the port text.
         self.service(f"server://127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, gopeer.fnv_key(str(tport)))
-            try:
+            with self.hanging_up(gopeer.GoClient(tport, gopeer.fnv_key(str(tport)))) as peer:
                 result["bad"] = user_retry(lambda: peer.handshake(bearer=gopeer.token("other")))
                 result["good"] = peer.handshake()
                 assert peer.dial_pool() == "00000000"
@@ -566,9 +552,6 @@ class BadPeers(Base):
                 late.close()
                 before = ctl.pongs
                 ctl.wait_pongs(before + 1)  # the running session is unaffected
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         status, headers, body = result["bad"]
@@ -586,17 +569,12 @@ class BadPeers(Base):
 
     @defer.inlineCallbacks
     def test_bad_control_lines_are_skipped(self) -> Any:
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        tport, uport = self.reverse_server()
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
-                user_retry(peer.handshake)
-                for _ in range(3):
-                    peer.dial_pool()
-                ctl = peer.start_control()
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
+                ctl = open_session(peer, 3)
                 ctl.wait_pongs(1)
                 ctl.send_raw(b"!!not base64!!\n")
                 ctl.send_raw(gopeer.encode_line(b"not json", KEY))
@@ -605,16 +583,7 @@ class BadPeers(Base):
                 before = ctl.pongs
                 ctl.send("ping")
                 ctl.wait_pongs(before + 1)
-                user = user_connect(uport)
-                user.sendall(b"still alive")
-                sig = ctl.expect("tcp")
-                conn = peer.take(sig["id"])
-                result["in"] = gopeer.recv_exact(conn, 11)
-                conn.close()
-                user.close()
-            finally:
-                self.mark = len(self.records)
-                peer.close()
+                result["in"] = user_to_peer(peer, ctl, uport, b"still alive")
 
         yield self.run_peer(script)
         self.assertEqual(result["in"], b"still alive")
@@ -632,31 +601,20 @@ class ServerPoolAndHealth(Base):
 
     @defer.inlineCallbacks
     def test_tls2_server_verify_carries_its_certificate_and_does_not_gate(self) -> Any:
-        crt, key, der = make_cert_files(_tmpdir(self))
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=2&crt={crt}&key={key}")
+        crt, key, der = make_cert_files(new_dir(self))
+        tport, uport = self.reverse_server(f"&tls=2&crt={crt}&key={key}")
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY, tls=True)
-            try:
+            with self.hanging_up(gopeer.GoClient(tport, KEY, tls=True)) as peer:
                 _, _, result["body"] = user_retry(peer.handshake)
                 for _ in range(4):
                     peer.dial_pool()
                 result["fps"] = set(peer.fps.values())
                 ctl = peer.start_control()
                 # No verify from us: the ingress must open anyway with tls=2.
-                user = user_connect(uport)
-                user.sendall(b"tls2")
-                sig = ctl.expect("tcp")
-                conn = peer.take(sig["id"])
-                result["in"] = gopeer.recv_exact(conn, 4)
-                conn.close()
-                user.close()
+                result["in"] = user_to_peer(peer, ctl, uport, b"tls2")
                 result["verify"] = ctl.expect("verify")
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["body"], b'{"flow":"-","max":1024,"tls":"2","type":"0"}\n')
@@ -667,32 +625,18 @@ class ServerPoolAndHealth(Base):
 
     @defer.inlineCallbacks
     def test_flush_closes_idle_connections_and_ids_stay_random(self) -> Any:
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        tport, uport = self.reverse_server()
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
-                user_retry(peer.handshake)
-                for _ in range(4):
-                    peer.dial_pool()
-                ctl = peer.start_control()
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
+                ctl = open_session(peer, 4)
                 ctl.wait_pongs(1)
                 ctl.send("flush")
                 result["eofs"] = [gopeer.recv_until_close(peer.take(c)) for c in list(peer.order)]
                 # The pool lives on: new connections get random IDs, never 00000000 again.
                 result["new_ids"] = [peer.dial_pool() for _ in range(2)]
-                user = user_connect(uport)
-                user.sendall(b"after flush")
-                sig = ctl.expect("tcp")
-                conn = peer.take(sig["id"])
-                result["in"] = gopeer.recv_exact(conn, 11)
-                conn.close()
-                user.close()
-            finally:
-                self.mark = len(self.records)
-                peer.close()
+                result["in"] = user_to_peer(peer, ctl, uport, b"after flush")
 
         yield self.run_peer(script)
         self.assertEqual(result["eofs"], [b"", b"", b""])
@@ -710,20 +654,13 @@ class ServerPoolAndHealth(Base):
         result: dict[str, Any] = {}
 
         def script() -> None:
-            peer = gopeer.GoClient(tport, KEY)
-            try:
-                user_retry(peer.handshake)
-                for _ in range(2):
-                    peer.dial_pool()
-                ctl = peer.start_control()
+            with self.hanging_up(gopeer.GoClient(tport, KEY)) as peer:
+                ctl = open_session(peer, 2)
                 ctl.send("tcp", remote="203.0.113.7:51234", id="deadbeef")
                 result["flush"] = ctl.expect("flush")
                 result["flush_line"] = next(x for x in ctl.lines if b"flush" in x)
                 # Our idle connection was flushed too.
                 result["eof"] = gopeer.recv_until_close(peer.take(peer.order[0]))
-            finally:
-                self.mark = len(self.records)
-                peer.close()
 
         yield self.run_peer(script)
         self.assertEqual(result["flush_line"], b'{"action":"flush"}')
@@ -732,8 +669,7 @@ class ServerPoolAndHealth(Base):
 
     @defer.inlineCallbacks
     def test_silent_control_restarts_and_serves_a_new_handshake(self) -> Any:
-        tport, uport = two_ports()
-        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1")
+        tport, uport = self.reverse_server()
         result: dict[str, Any] = {}
 
         def script() -> None:
@@ -769,18 +705,12 @@ class ServerPoolAndHealth(Base):
         self.assertLogged("Server restart: ", Level.INFO)
 
 
-def _tmpdir(test: unittest.TestCase) -> str:
-    path = test.mktemp()
-    os.makedirs(path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 class ClientTLSVerify(Base):
     """Our client with a tls=1 Go server: `verify` both ways, mismatch aborts."""
 
     def go_server(self, flow: str) -> tuple[gopeer.GoServer, str]:
-        crt, key, der = make_cert_files(_tmpdir(self))
+        crt, key, der = make_cert_files(new_dir(self))
         peer = gopeer.GoServer(KEY, flow, tls=(crt, key))
         self.addCleanup(peer.close)
         return peer, gopeer.fingerprint(der)
@@ -846,7 +776,7 @@ def wait_until(cond: Callable[[], bool], timeout: float = gopeer.TIMEOUT) -> Any
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield sleep(0.05)
 
 
 class PeerSelfCheck(unittest.TestCase):

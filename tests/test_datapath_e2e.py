@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -22,6 +22,7 @@ from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.stats import TunnelStats
 from nodepass.url import parse_tunnel_url
+from tests.support import sleep
 
 RATE_MBIT = 20
 EXPECTED = RATE_MBIT * 125_000
@@ -105,26 +106,55 @@ class Sender(Protocol):
         self.stopped = True
 
 
-class RateEndToEndTests(unittest.TestCase):
+class _RateMeasurement(unittest.TestCase):
+    """A sink target, a rate-limited policy towards it, and the throughput measurement."""
+
     def setUp(self) -> None:
         self.ports: list[IListeningPort] = []
 
     def tearDown(self) -> defer.Deferred[Any]:
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
 
-    @defer.inlineCallbacks
-    def test_relay_throughput_is_about_20_mbit_per_s(self) -> Any:
+    def sink_and_policy(self, stats: TunnelStats) -> tuple[Factory, DataPolicy]:
+        """Listen with a :class:`Sink`; a policy with ``rate=RATE_MBIT`` whose target is that sink."""
         sink_factory = Factory.forProtocol(Sink)
         sink_factory.total = 0  # type: ignore[attr-defined]
         sink_port = reactor.listenTCP(0, sink_factory, interface="127.0.0.1")
         self.ports.append(sink_port)
-
         config = parse_tunnel_url(
             f"client://127.0.0.1:10101/127.0.0.1:{sink_port.getHost().port}?rate={RATE_MBIT}")
         policy = DataPolicy.from_config(config, reactor=reactor,
                                         logger=NodePassLogger("error", stream=None),
-                                        settings=Settings(), stats=TunnelStats())
+                                        settings=Settings(), stats=stats)
         assert policy.throttle is not None
+        return sink_factory, policy
+
+    @defer.inlineCallbacks
+    def assertRate(self, policy: DataPolicy, sink_factory: Factory) -> Any:
+        """Once the initial burst is spent, the sink receives RATE_MBIT +/- 10 % over WINDOW seconds."""
+        assert policy.throttle is not None
+        # Wait until the initial burst is spent and shaping is active, then settle.
+        waited = 0.0
+        while policy.throttle.read_bucket.tokens > 0:
+            yield sleep(0.05)
+            waited += 0.05
+            self.assertLess(waited, 10.0, "the throttle never engaged")
+        yield sleep(0.3)
+
+        start, before = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
+        yield sleep(WINDOW)
+        end, after = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
+        measured = (after - before) / (end - start)
+        self.assertTrue(
+            abs(measured - EXPECTED) <= 0.10 * EXPECTED,
+            f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {RATE_MBIT} Mbit/s +/- 10%",
+        )
+
+
+class RateEndToEndTests(_RateMeasurement):
+    @defer.inlineCallbacks
+    def test_relay_throughput_is_about_20_mbit_per_s(self) -> Any:
+        sink_factory, policy = self.sink_and_policy(TunnelStats())
         relay_factory = Factory.forProtocol(UserSide)
         relay_factory.policy = policy  # type: ignore[attr-defined]
         relay_factory.sessions = []  # type: ignore[attr-defined]
@@ -134,22 +164,7 @@ class RateEndToEndTests(unittest.TestCase):
         sender = yield TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port.getHost().port).connect(
             Factory.forProtocol(Sender))
         try:
-            # Wait until the initial burst is spent and shaping is active, then settle.
-            waited = 0.0
-            while policy.throttle.read_bucket.tokens > 0:
-                yield task.deferLater(reactor, 0.05, lambda: None)
-                waited += 0.05
-                self.assertLess(waited, 10.0, "the throttle never engaged")
-            yield task.deferLater(reactor, 0.3, lambda: None)
-
-            start, before = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
-            yield task.deferLater(reactor, WINDOW, lambda: None)
-            end, after = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
-            measured = (after - before) / (end - start)
-            self.assertTrue(
-                abs(measured - EXPECTED) <= 0.10 * EXPECTED,
-                f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {RATE_MBIT} Mbit/s +/- 10%",
-            )
+            yield self.assertRate(policy, sink_factory)
         finally:
             sender.stopped = True
             sender.transport.loseConnection()
@@ -157,17 +172,11 @@ class RateEndToEndTests(unittest.TestCase):
                 if session.transport is not None:
                     session.transport.loseConnection()
             policy.stop()
-            yield task.deferLater(reactor, 0.05, lambda: None)
+            yield sleep(0.05)
 
 
-class ProjectRelayRateTests(unittest.TestCase):
+class ProjectRelayRateTests(_RateMeasurement):
     """The same measurement through the project's relay (``nodepass.tunnel.relay.join``)."""
-
-    def setUp(self) -> None:
-        self.ports: list[IListeningPort] = []
-
-    def tearDown(self) -> defer.Deferred[Any]:
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
 
     @defer.inlineCallbacks
     def test_project_relay_throughput_is_about_20_mbit_per_s(self) -> Any:
@@ -176,17 +185,8 @@ class ProjectRelayRateTests(unittest.TestCase):
         except ImportError as exc:  # pragma: no cover - relay module not present
             raise unittest.SkipTest(f"nodepass.tunnel.relay unavailable: {exc}") from None
 
-        sink_factory = Factory.forProtocol(Sink)
-        sink_factory.total = 0  # type: ignore[attr-defined]
-        sink_port = reactor.listenTCP(0, sink_factory, interface="127.0.0.1")
-        self.ports.append(sink_port)
-        config = parse_tunnel_url(
-            f"client://127.0.0.1:10101/127.0.0.1:{sink_port.getHost().port}?rate={RATE_MBIT}")
         stats = TunnelStats()
-        policy = DataPolicy.from_config(config, reactor=reactor,
-                                        logger=NodePassLogger("error", stream=None),
-                                        settings=Settings(), stats=stats)
-        assert policy.throttle is not None
+        sink_factory, policy = self.sink_and_policy(stats)
         users: list[Any] = []
 
         class User(RelayProtocol):
@@ -201,20 +201,7 @@ class ProjectRelayRateTests(unittest.TestCase):
         sender = yield TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port.getHost().port).connect(
             Factory.forProtocol(Sender))
         try:
-            waited = 0.0
-            while policy.throttle.read_bucket.tokens > 0:
-                yield task.deferLater(reactor, 0.05, lambda: None)
-                waited += 0.05
-                self.assertLess(waited, 10.0, "the throttle never engaged")
-            yield task.deferLater(reactor, 0.3, lambda: None)
-            start, before = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
-            yield task.deferLater(reactor, WINDOW, lambda: None)
-            end, after = reactor.seconds(), sink_factory.total  # type: ignore[attr-defined]
-            measured = (after - before) / (end - start)
-            self.assertTrue(
-                abs(measured - EXPECTED) <= 0.10 * EXPECTED,
-                f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {RATE_MBIT} Mbit/s +/- 10%",
-            )
+            yield self.assertRate(policy, sink_factory)
             self.assertGreater(stats.tcprx, 0)
         finally:
             sender.stopped = True
@@ -222,4 +209,4 @@ class ProjectRelayRateTests(unittest.TestCase):
             for user in users:
                 user.abort()
             policy.stop()
-            yield task.deferLater(reactor, 0.1, lambda: None)
+            yield sleep(0.1)

@@ -12,9 +12,11 @@ from twisted.trial import unittest
 
 from nodepass.datapath import AllTargetsFailed, DataPolicy, FirstBytesGate
 from nodepass.env import Settings
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level, LogRecord
 from nodepass.stats import TunnelStats
 from nodepass.url import parse_tunnel_url
+from tests import support
+from tests.support import recording_logger
 
 
 class Accepted(Protocol):
@@ -27,13 +29,6 @@ class Accepted(Protocol):
 
 class Holder(Protocol):
     """Client side of a dialed target connection."""
-
-
-def make_logger() -> tuple[NodePassLogger, list[LogRecord]]:
-    records: list[LogRecord] = []
-    logger = NodePassLogger("debug", stream=None)
-    logger.add_observer(records.append)
-    return logger, records
 
 
 class NetBase(unittest.TestCase):
@@ -62,25 +57,14 @@ class NetBase(unittest.TestCase):
         return number
 
     def policy(self, url: str, **settings: Any) -> tuple[DataPolicy, list[LogRecord]]:
-        logger, records = make_logger()
+        logger, records = recording_logger()
         policy = DataPolicy.from_config(parse_tunnel_url(url), reactor=reactor, logger=logger,
                                         settings=Settings(**settings), stats=TunnelStats())
         return policy, records
 
-    @defer.inlineCallbacks
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> Any:
-        waited = 0.0
-        while not predicate():
-            if waited > timeout:
-                self.fail("condition not reached")
-            yield deferLater(0.02)
-            waited += 0.02
-
-
-def deferLater(seconds: float) -> defer.Deferred[None]:
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> defer.Deferred[Any]:
+        """:func:`tests.support.wait_for` with this module's shorter default timeout."""
+        return support.wait_for(predicate, timeout)
 
 
 class FailoverTests(NetBase):
@@ -231,7 +215,7 @@ class Client(Protocol):
 
 class BlockTests(NetBase):
     def gate_server(self, query: str) -> tuple[int, DataPolicy, list[LogRecord]]:
-        logger, records = make_logger()
+        logger, records = recording_logger()
         policy = DataPolicy.from_config(
             parse_tunnel_url(f"server://127.0.0.1:10101/127.0.0.1:1?{query}"), reactor=reactor,
             logger=logger, settings=Settings(), stats=TunnelStats(), sniff_timeout=0.2)

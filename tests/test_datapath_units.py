@@ -14,7 +14,6 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
-    IHostResolution,
     IPushProducer,
     IResolutionReceiver,
 )
@@ -44,16 +43,10 @@ from nodepass.datapath import (
 from nodepass.datapath.dial import SourceAddress
 from nodepass.datapath.targets import TargetSelector
 from nodepass.env import Settings
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level, LogRecord
 from nodepass.stats import TunnelStats
 from nodepass.url import parse_tunnel_url
-
-
-def make_logger() -> tuple[NodePassLogger, list[LogRecord]]:
-    records: list[LogRecord] = []
-    logger = NodePassLogger("debug", stream=None)
-    logger.add_observer(records.append)
-    return logger, records
+from tests.support import FakeResolution, recording_logger
 
 
 @implementer(IPushProducer)
@@ -195,7 +188,7 @@ class ThrottleTests(unittest.TestCase):
 
 class SlotTests(unittest.TestCase):
     def policy(self, query: str) -> tuple[DataPolicy, list[LogRecord], TunnelStats]:
-        logger, records = make_logger()
+        logger, records = recording_logger()
         stats = TunnelStats()
         config = parse_tunnel_url(f"server://127.0.0.1:10101/127.0.0.1:8080?{query}")
         policy = DataPolicy.from_config(config, reactor=MemoryReactorClock(), logger=logger,
@@ -269,7 +262,7 @@ class ProxyHeaderTests(unittest.TestCase):
         self.assertRaises(ValueError, build_v1_header, "10.0.0.1:99999", "10.0.0.1:1")
 
     def test_policy_proxy_switch(self) -> None:
-        logger, _ = make_logger()
+        logger, _ = recording_logger()
         on = DataPolicy.from_config(parse_tunnel_url("client://127.0.0.1:1/127.0.0.1:2?proxy=1"),
                                     reactor=MemoryReactorClock(), logger=logger,
                                     settings=Settings(), stats=TunnelStats())
@@ -321,7 +314,7 @@ class SniffTests(unittest.TestCase):
         self.assertEqual(parse_block(frozenset({2})), frozenset({2}))
 
     def test_policy_sniff_logs_the_block(self) -> None:
-        logger, records = make_logger()
+        logger, records = recording_logger()
         policy = DataPolicy.from_config(
             parse_tunnel_url("server://127.0.0.1:1/127.0.0.1:2?block=12"),
             reactor=MemoryReactorClock(), logger=logger, settings=Settings(), stats=TunnelStats())
@@ -363,15 +356,6 @@ class SniffTests(unittest.TestCase):
         self.assertEqual(got, [])
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
 @implementer(IHostnameResolver)
 class FakeResolver:
     """Answers from ``table``; a missing name resolves to nothing (a failed lookup).
@@ -390,7 +374,7 @@ class FakeResolver:
                         addressTypes: Sequence[type[IAddress]] | None = None,
                         transportSemantics: str = "TCP") -> IResolutionReceiver:
         self.calls.append(hostName)
-        resolutionReceiver.resolutionBegan(_Resolution(hostName))
+        resolutionReceiver.resolutionBegan(FakeResolution(hostName))
         if self.hold:
             self._held.append((resolutionReceiver, hostName))
         else:
@@ -420,7 +404,7 @@ class DNSCacheTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.resolver = FakeResolver({"svc.example": ["2001:db8::5", "192.0.2.5", "192.0.2.6"]})
-        self.logger, self.records = make_logger()
+        self.logger, self.records = recording_logger()
         self.cache = DNSCache(self.resolver, self.clock, ttl=60.0, logger=self.logger)
 
     def test_ttl(self) -> None:
@@ -534,7 +518,7 @@ class SelectorTests(unittest.TestCase):
 
 def memory_policy(url: str, reactor: MemoryReactorClock,
                   settings: Settings | None = None) -> tuple[DataPolicy, list[LogRecord]]:
-    logger, records = make_logger()
+    logger, records = recording_logger()
     policy = DataPolicy.from_config(parse_tunnel_url(url), reactor=reactor, logger=logger,
                                     settings=settings or Settings(), stats=TunnelStats(),
                                     resolver=FakeResolver({}))
@@ -631,13 +615,13 @@ class DialParseTests(unittest.TestCase):
             block: frozenset[int] = frozenset()
             notcp = noudp = False
 
-        logger, _ = make_logger()
+        logger, _ = recording_logger()
         with self.assertRaises(DialAddressError):
             DataPolicy.from_config(Config(), reactor=MemoryReactorClock(), logger=logger,
                                    settings=Settings(), stats=TunnelStats())
 
     def test_udp_interface_and_fallback(self) -> None:
-        logger, records = make_logger()
+        logger, records = recording_logger()
         source = SourceAddress("192.0.2.1", logger)
         self.assertEqual(source.udp_interface("10.0.0.1"), "192.0.2.1")
         self.assertTrue(source.fall_back("bind failed"))

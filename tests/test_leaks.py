@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import collections
 import gc
-import io
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from twisted.internet import endpoints, protocol
+from twisted.internet import endpoints
 from twisted.internet.defer import DeferredList, inlineCallbacks
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from nodepass.env import Settings
-from nodepass.log import NodePassLogger
 from nodepass.master.service import _default_tunnel_factory
 from nodepass.tunnel import make_tunnel_service
 from nodepass.url import parse_tunnel_url
-from tests.test_master_support import MasterFixture, reactor, wait_for
-from tests.test_master_tunnel import free_port
-from tests.test_process import echo_server, echo_through
+from tests.support import RawClient, echo_roundtrip, echo_server, free_port, free_ports, quiet_logger, sleep
+from tests.test_master_support import reactor, start_master, wait_for
 
 FD_SLACK = 8
 """Descriptors a test may end with above its baseline (pool refills, a lingering socket)."""
@@ -118,25 +113,17 @@ def pool_growth(*services: Any) -> Callable[[], int]:
     return lambda: 2 * sum(max(s.stats.pool - p, 0) for s, p in zip(services, start, strict=True))
 
 
-def quiet_logger() -> NodePassLogger:
-    return NodePassLogger("warn", stream=io.StringIO())
-
-
 class MasterChurnTests(LeakTestCase):
     @inlineCallbacks
     def test_create_delete_30_instances(self) -> Any:
         """30 server+client pairs created, carrying traffic, deleted: no descriptor or timer left."""
         echo_port = echo_server(self)
-        m = MasterFixture(
-            self.mktemp(), url="master://127.0.0.1:0/api?log=warn", settings=SETTINGS,
-            factory=_default_tunnel_factory,
-        )
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, url="master://127.0.0.1:0/api?log=warn", settings=SETTINGS,
+                         factory=_default_tunnel_factory)
 
         @inlineCallbacks
         def cycle(traffic: bool) -> Any:
-            tunnel_port, local_port = free_port(), free_port()
+            tunnel_port, local_port = free_ports(2)
             r = yield m.request(
                 "POST", "/instances",
                 body={"url": f"server://leak@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?log=warn"},
@@ -150,7 +137,7 @@ class MasterChurnTests(LeakTestCase):
             self.assertEqual(r.code, 201, r.body)
             client_id = r.json()["id"]
             if traffic:
-                got = yield echo_through(local_port, b"x" * 10000)
+                got = yield echo_roundtrip(local_port, b"x" * 10000)
                 self.assertEqual(len(got), 10000)
             for instance_id in (client_id, server_id):
                 r = yield m.request("DELETE", f"/instances/{instance_id}")
@@ -173,17 +160,17 @@ class TunnelChurnTests(LeakTestCase):
         server = self.start_server(tunnel_port, echo_port)
         client = make_tunnel_service(
             parse_tunnel_url(f"client://churn@127.0.0.1:{tunnel_port}/127.0.0.1:{local_port}?min=4&log=warn"),
-            reactor=reactor, logger=quiet_logger(), settings=SETTINGS,
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
         )
         client.startService()
         self.addCleanup(lambda: client.stopService() if client.running else None)
-        yield echo_through(local_port, b"hello")
+        yield echo_roundtrip(local_port, b"hello")
         return server, client
 
     def start_server(self, tunnel_port: int, echo_port: int) -> Any:
         server = make_tunnel_service(
             parse_tunnel_url(f"server://churn@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?max=8&log=warn"),
-            reactor=reactor, logger=quiet_logger(), settings=SETTINGS,
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
         )
         server.startService()
         if not hasattr(self, "servers"):
@@ -196,15 +183,15 @@ class TunnelChurnTests(LeakTestCase):
     def test_200_short_connections(self) -> Any:
         """200 short connections through a tunnel: descriptors and timers return to the baseline."""
         echo_port = echo_server(self)
-        tunnel_port, local_port = free_port(), free_port()
+        tunnel_port, local_port = free_ports(2)
         server, client = yield self.start_pair(tunnel_port, local_port, echo_port)
         for _ in range(5):
-            yield echo_through(local_port, b"warm-up")
+            yield echo_roundtrip(local_port, b"warm-up")
         yield wait_for(lambda: client.stats.tcps == 0 and server.stats.tcps == 0)
         fd_base, timer_base, growth = *self.baseline(), pool_growth(client)
         for batch in range(10):
             results = yield DeferredList(
-                [echo_through(local_port, b"%d-%d " % (batch, i) * 50) for i in range(20)],
+                [echo_roundtrip(local_port, b"%d-%d " % (batch, i) * 50) for i in range(20)],
                 consumeErrors=True,
             )
             self.assertTrue(all(ok for ok, _ in results), [r for ok, r in results if not ok][:1])
@@ -216,7 +203,7 @@ class TunnelChurnTests(LeakTestCase):
     def test_client_reconnects_after_5_server_restarts(self) -> Any:
         """The client survives 5 server restarts; each restart leaves nothing behind."""
         echo_port = echo_server(self)
-        tunnel_port, local_port = free_port(), free_port()
+        tunnel_port, local_port = free_ports(2)
         server, client = yield self.start_pair(tunnel_port, local_port, echo_port)
         fd_base = timer_base = -1
         growth = pool_growth()
@@ -224,7 +211,7 @@ class TunnelChurnTests(LeakTestCase):
             yield server.stopService()
             self.servers.remove(server)
             server = self.start_server(tunnel_port, echo_port)
-            got = yield echo_through(local_port, b"round %d" % round_, timeout=30)
+            got = yield echo_roundtrip(local_port, b"round %d" % round_, timeout=30)
             self.assertEqual(got, b"round %d" % round_)
             if round_ == 0:  # the baseline after one restart (lazy state of the restart path)
                 yield wait_for(lambda: client.stats.tcps == 0)
@@ -237,10 +224,10 @@ class FailureChurnTests(LeakTestCase):
     @inlineCallbacks
     def test_client_retrying_a_dead_server(self) -> Any:
         """A client whose server is gone retries for ever without piling up sockets or timers."""
-        dead_port, local_port = free_port(), free_port()
+        dead_port, local_port = free_ports(2)
         settings = Settings(report_interval=0.5, service_cooldown=0.05, shutdown_timeout=3.0)
         errors: list[str] = []
-        logger = quiet_logger()
+        logger = quiet_logger("warn")
         logger.add_observer(lambda record: errors.append(record.text) if "Client error" in record.text else None)
         client = make_tunnel_service(
             parse_tunnel_url(f"client://dead@127.0.0.1:{dead_port}/127.0.0.1:{local_port}?min=2&mode=2&log=warn"),
@@ -257,16 +244,16 @@ class FailureChurnTests(LeakTestCase):
     def test_connections_to_a_dead_target(self) -> Any:
         """100 user connections whose target refuses: each is closed, nothing accumulates."""
         dead_port = free_port()
-        tunnel_port, local_port = free_port(), free_port()
+        tunnel_port, local_port = free_ports(2)
         server = make_tunnel_service(
             parse_tunnel_url(f"server://dt@127.0.0.1:{tunnel_port}/127.0.0.1:{dead_port}?mode=2&log=warn"),
-            reactor=reactor, logger=quiet_logger(), settings=SETTINGS,
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
         )
         server.startService()
         self.addCleanup(lambda: server.stopService() if server.running else None)
         client = make_tunnel_service(
             parse_tunnel_url(f"client://dt@127.0.0.1:{tunnel_port}/127.0.0.1:{local_port}?min=4&log=warn"),
-            reactor=reactor, logger=quiet_logger(), settings=SETTINGS,
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
         )
         client.startService()
         self.addCleanup(lambda: client.stopService() if client.running else None)
@@ -277,14 +264,14 @@ class FailureChurnTests(LeakTestCase):
             for _ in range(100):
                 try:
                     proto = yield endpoints.connectProtocol(
-                        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_port), _Raw(b"ping")
+                        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_port), RawClient(b"ping")
                     )
                     break
                 except Exception:
-                    yield deferLater(reactor, 0.1, lambda: None)
+                    yield sleep(0.1)
             else:
                 raise AssertionError("local port never listened")
-            yield wait_for(lambda: proto.closed, timeout=30)
+            yield wait_for(lambda: proto.lost, timeout=30)
 
         for _ in range(3):
             yield refused_once()
@@ -296,29 +283,11 @@ class FailureChurnTests(LeakTestCase):
         yield self.settle("tunnel: 100 connections to a dead target", fd_base, timer_base, growth)
 
 
-class _Raw(protocol.Protocol):
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.closed = False
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.closed = True
-
-
 class SSEChurnTests(LeakTestCase):
     @inlineCallbacks
     def test_20_subscribers_dropped(self) -> Any:
         """20 SSE subscribers that disconnect (abruptly or cleanly) leave the hub and free their sockets."""
-        m = MasterFixture(self.mktemp(), url="master://127.0.0.1:0/api?log=warn", settings=SETTINGS)
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, url="master://127.0.0.1:0/api?log=warn", settings=SETTINGS)
         r = yield m.request("POST", "/instances", body={"url": "server://127.0.0.1:10101/127.0.0.1:8080"})
         self.assertEqual(r.code, 201)
         port = m.service.address[1]
@@ -329,7 +298,7 @@ class SSEChurnTests(LeakTestCase):
         @inlineCallbacks
         def open_one() -> Any:
             proto = yield endpoints.connectProtocol(
-                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Raw(request)
+                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient(request)
             )
             yield wait_for(lambda: b'"type":"initial"' in proto.data)
             return proto
@@ -348,7 +317,7 @@ class SSEChurnTests(LeakTestCase):
                 proto.transport.abortConnection()
             else:
                 proto.transport.loseConnection()
-        yield wait_for(lambda: all(p.closed for p in protos))
+        yield wait_for(lambda: all(p.lost for p in protos))
         yield wait_for(lambda: not m.service.events.subscribers)
         # events raised now reach nobody and break nothing
         r = yield m.request("PATCH", f"/instances/{r.json()['id']}", body={"alias": "after"})

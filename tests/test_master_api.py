@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from nodepass import __version__
 from nodepass.url import parse_tunnel_url
-from tests.test_master_support import FakeTunnel, MasterFixture
+from tests.test_master_support import FakeTunnel, reset_fake_tunnels, start_master
 
 INSTANCE_KEYS = [
     "id", "alias", "type", "status", "url", "config", "restart", "meta", "mode", "ping", "pool",
@@ -28,14 +28,9 @@ SID = "550e8400-e29b-41d4-a716-446655440000"
 class MasterAPITests(TestCase):
     """Every endpoint's success and error paths."""
 
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        FakeTunnel.instances = []
-        FakeTunnel.fail_start = False
-        self.m = MasterFixture(self.mktemp())
-        self.m.start()
-        self.addCleanup(self.m.stop)
-        yield None
+    def setUp(self) -> None:
+        reset_fake_tunnels()
+        self.m = start_master(self)
 
     def assertCors(self, response: Any) -> None:
         for name, value in CORS.items():
@@ -468,9 +463,7 @@ class PrefixTests(TestCase):
 
     @inlineCallbacks
     def test_custom_prefix(self) -> Any:
-        m = MasterFixture(self.mktemp(), url="master://127.0.0.1:0/admin//?log=warn")
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, url="master://127.0.0.1:0/admin//?log=warn")
         self.assertTrue(m.base.endswith("/admin/v1"))
         r = yield m.request("GET", "/info")
         self.assertEqual(r.code, 200)

@@ -10,20 +10,16 @@ from twisted.trial.unittest import TestCase
 
 from nodepass.env import Settings
 from nodepass.master.events import EVENT_LIMIT, EventHub, encode_events, rfc3339
-from tests.test_master_support import FakeTunnel, MasterFixture, raw_request, wait_for
+from tests.support import sleep
+from tests.test_master_support import FakeTunnel, raw_request, reset_fake_tunnels, start_master, wait_for
 
 SERVER_URL = "server://127.0.0.1:10201/127.0.0.1:10202"
 
 
 class SSEStreamTests(TestCase):
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        FakeTunnel.instances = []
-        FakeTunnel.fail_start = False
-        self.m = MasterFixture(self.mktemp())
-        self.m.start()
-        self.addCleanup(self.m.stop)
-        yield None
+    def setUp(self) -> None:
+        reset_fake_tunnels()
+        self.m = start_master(self)
 
     @inlineCallbacks
     def test_headers_preamble_and_initial_burst(self) -> Any:
@@ -147,12 +143,8 @@ class SlowSubscriberTests(TestCase):
     def test_stalled_reader_is_dropped_others_unaffected(self) -> Any:
         import socket
 
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
 
-        m = MasterFixture(self.mktemp())
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self)
         hub = m.service.events
         hub.max_pending = 256 * 1024
         healthy = yield m.subscribe()
@@ -166,7 +158,7 @@ class SlowSubscriberTests(TestCase):
         except BlockingIOError:
             pass
         yield wait_for(lambda: stalled.fileno() >= 0)
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield sleep(0.05)
         stalled.send(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nX-API-Key: " + m.key.encode() + b"\r\n\r\n")
         yield wait_for(lambda: len(hub.subscribers) == 2)
         line = "y" * 30000
@@ -189,9 +181,7 @@ class WatchdogTests(TestCase):
     @inlineCallbacks
     def test_updates_keep_flowing_without_checkpoints(self) -> Any:
         FakeTunnel.instances = []
-        m = MasterFixture(self.mktemp(), settings=Settings(report_interval=0.1, shutdown_timeout=2.0))
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, settings=Settings(report_interval=0.1, shutdown_timeout=2.0))
         reader = yield m.subscribe()
         r = yield m.request("POST", "/instances", body={"url": SERVER_URL})
         iid = r.json()["id"]

@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from nodepass.env import Settings
 from nodepass.master.instances import ApiError, InstanceRecord, validate_patch
-from tests.test_master_support import FakeTunnel, MasterFixture, wait_for
+from tests.test_master_support import FakeTunnel, MasterFixture, reset_fake_tunnels, start_master, wait_for
 
 URL = "server://127.0.0.1:10501/127.0.0.1:10502"
 
@@ -22,14 +22,11 @@ class _StuckTunnel(FakeTunnel):
 
 class RunningRulesTests(TestCase):
     def setUp(self) -> None:
-        FakeTunnel.instances = []
-        FakeTunnel.fail_start = False
+        reset_fake_tunnels()
 
     @inlineCallbacks
     def test_error_instances_are_restarted_by_the_sweep(self) -> Any:
-        m = MasterFixture(self.mktemp(), settings=Settings(reload_interval=0.2, shutdown_timeout=2.0))
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, settings=Settings(reload_interval=0.2, shutdown_timeout=2.0))
         r = yield m.request("POST", "/instances", body={"url": URL})
         iid = r.json()["id"]
         FakeTunnel.instances[-1].fail("lost")
@@ -41,13 +38,8 @@ class RunningRulesTests(TestCase):
 
     @inlineCallbacks
     def test_stuck_stop_is_bounded(self) -> Any:
-        m = MasterFixture(
-            self.mktemp(),
-            settings=Settings(shutdown_timeout=0.2),
-            factory=lambda config, **kw: _StuckTunnel(config, **kw),
-        )
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, settings=Settings(shutdown_timeout=0.2),
+                         factory=lambda config, **kw: _StuckTunnel(config, **kw))
         r = yield m.request("POST", "/instances", body={"url": URL})
         iid = r.json()["id"]
         r = yield m.request("PATCH", f"/instances/{iid}", body={"action": "stop"})
@@ -74,9 +66,7 @@ class RunningRulesTests(TestCase):
 
     @inlineCallbacks
     def test_instance_lines_echoed_with_id(self) -> Any:
-        m = MasterFixture(self.mktemp())
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self)
         r = yield m.request("POST", "/instances", body={"url": URL})
         iid = r.json()["id"]
         FakeTunnel.instances[-1].checkpoint()

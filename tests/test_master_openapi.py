@@ -356,11 +356,9 @@ class LiveApiTests(unittest.TestCase):
     """The Klein application agrees with the document."""
 
     def setUp(self) -> Any:
-        from tests.test_master_support import MasterFixture
+        from tests.test_master_support import start_master
 
-        self.master = MasterFixture(self.mktemp())
-        self.master.start()
-        self.addCleanup(self.master.stop)
+        self.master = start_master(self)
         self.doc = openapi_document(self.master.config.base)
 
     def test_every_klein_route_is_documented(self) -> None:

@@ -13,22 +13,18 @@ from twisted.trial.unittest import TestCase
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.master.store import STATE_FILE, StateStore
-from tests.test_master_support import FakeTunnel, MasterFixture, reactor, wait_for
+from tests.test_master_support import FakeTunnel, MasterFixture, reactor, reset_fake_tunnels, start_master, wait_for
 
 SID = "550e8400-e29b-41d4-a716-446655440000"
 
 
 class PersistenceTests(TestCase):
     def setUp(self) -> None:
-        FakeTunnel.instances = []
-        FakeTunnel.fail_start = False
+        reset_fake_tunnels()
         self.state_dir = self.mktemp()
 
     def master(self, **kwargs: Any) -> MasterFixture:
-        m = MasterFixture(self.state_dir, **kwargs)
-        m.start()
-        self.addCleanup(m.stop)
-        return m
+        return start_master(self, self.state_dir, **kwargs)
 
     @inlineCallbacks
     def populate(self) -> Any:

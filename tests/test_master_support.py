@@ -13,9 +13,8 @@ from typing import Any
 
 import treq
 from twisted.application.service import Service
-from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from nodepass.env import Settings
@@ -23,8 +22,7 @@ from nodepass.log import NodePassLogger
 from nodepass.master.service import MasterService, make_master_service
 from nodepass.stats import TunnelStats
 from nodepass.url import TunnelURL, parse_master_url
-
-reactor: Any = _reactor
+from tests.support import reactor, wait_for
 
 
 class FakeTunnel(Service):
@@ -64,22 +62,10 @@ def fake_factory(config: TunnelURL, **kwargs: Any) -> FakeTunnel:
     return FakeTunnel(config, **kwargs)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Deferred[Any]:
-    """Poll *predicate* until it is truthy; fail after *timeout* seconds."""
-
-    @inlineCallbacks
-    def run() -> Any:
-        waited = 0.0
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if waited > timeout:
-                raise AssertionError("condition not reached in time")
-            yield deferLater(reactor, step, lambda: None)
-            waited += step
-
-    return run()
+def reset_fake_tunnels() -> None:
+    """Forget the FakeTunnel instances of earlier tests and let new ones start."""
+    FakeTunnel.instances = []
+    FakeTunnel.fail_start = False
 
 
 class Response:
@@ -245,3 +231,14 @@ class MasterFixture:
 
         d.addBoth(ended)
         return reader
+
+
+def start_master(test: TestCase, state_dir: str | None = None, **kwargs: Any) -> MasterFixture:
+    """A started :class:`MasterFixture` in *state_dir* (a fresh ``test.mktemp()`` by default).
+
+    Keyword arguments go to the fixture; it is stopped at the test's cleanup.
+    """
+    m = MasterFixture(state_dir if state_dir is not None else test.mktemp(), **kwargs)
+    m.start()
+    test.addCleanup(m.stop)
+    return m

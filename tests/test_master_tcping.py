@@ -15,9 +15,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from nodepass.master.tcping import Tcping, TcpingBusy, split_target
+from tests.support import FakeResolution
 
 
 class SplitTargetTests(unittest.TestCase):
@@ -128,15 +128,6 @@ class RealSocketTests(unittest.TestCase):
         self.assertEqual(self.tcping.in_flight, 0)
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
 class FakeResolver:
     """Resolves names from a table; names missing from it never complete."""
 
@@ -153,7 +144,7 @@ class FakeResolver:
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         self.asked.append(hostName)
-        resolution = _Resolution(hostName)
+        resolution = FakeResolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         if hostName in self.table:
             for address in self.table[hostName]:

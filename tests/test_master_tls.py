@@ -14,7 +14,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from nodepass.tls import client_connection_creator, self_signed_pem
-from tests.test_master_support import FakeTunnel, MasterFixture, reactor
+from tests.test_master_support import FakeTunnel, MasterFixture, reactor, start_master
 
 
 @implementer(IPolicyForHTTPS)
@@ -39,9 +39,7 @@ class TLSTests(TestCase):
 
     @inlineCallbacks
     def test_tls1_self_signed(self) -> Any:
-        m = MasterFixture(self.mktemp(), url="master://127.0.0.1:0?tls=1")
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, url="master://127.0.0.1:0?tls=1")
         code, info = yield self.get_info(m)
         self.assertEqual(code, 200)
         self.assertEqual(info["tls"], "1")
@@ -61,13 +59,9 @@ class TLSTests(TestCase):
             handle.write(crt_pem)
         with open(key, "wb") as handle:
             handle.write(key_pem)
-        m = MasterFixture(self.mktemp(), url=f"master://127.0.0.1:0?tls=2&crt={crt}&key={key}")
-        m.start()
-        self.addCleanup(m.stop)
+        m = start_master(self, url=f"master://127.0.0.1:0?tls=2&crt={crt}&key={key}")
         code, info = yield self.get_info(m)
         self.assertEqual((code, info["tls"], info["crt"], info["key"]), (200, "2", crt, key))
-        bad = MasterFixture(self.mktemp(), url="master://127.0.0.1:0?tls=2&crt=/nonexistent&key=/nonexistent")
-        bad.start()
-        self.addCleanup(bad.stop)
+        bad = start_master(self, url="master://127.0.0.1:0?tls=2&crt=/nonexistent&key=/nonexistent")
         code, info = yield self.get_info(bad)
         self.assertEqual((code, info["tls"]), (200, "1"))

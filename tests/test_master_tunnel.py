@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from twisted.internet import endpoints, protocol
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from nodepass.env import Settings
-from tests.test_master_support import MasterFixture, reactor, wait_for
+from tests.support import RawClient, echo_server, free_port, free_ports
+from tests.test_master_support import MasterFixture, reactor, start_master, wait_for
 
 try:
     import nodepass.tunnel  # noqa: F401
@@ -19,25 +19,14 @@ except ImportError:  # pragma: no cover - the tunnel core is part of the package
     _default_tunnel_factory = None  # type: ignore[assignment]
 
 
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
-
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
+def real_master(test: TestCase) -> MasterFixture:
+    """A started master (log=info, quick reports and restarts) running real tunnel services."""
+    return start_master(
+        test,
+        url="master://127.0.0.1:0/api?log=info",
+        settings=Settings(report_interval=0.2, shutdown_timeout=3.0, service_cooldown=0.2),
+        factory=_default_tunnel_factory,
+    )
 
 
 class RealTunnelTests(TestCase):
@@ -47,18 +36,9 @@ class RealTunnelTests(TestCase):
     def test_server_client_pair_carries_traffic(self) -> Any:
         if _default_tunnel_factory is None:
             self.skipTest("tunnel core not available")
-        echo = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
-        self.addCleanup(echo.stopListening)
-        echo_port = echo.getHost().port
-        tunnel_port, listen_port = free_port(), free_port()
-        m = MasterFixture(
-            self.mktemp(),
-            url="master://127.0.0.1:0/api?log=info",
-            settings=Settings(report_interval=0.2, shutdown_timeout=3.0, service_cooldown=0.2),
-            factory=_default_tunnel_factory,
-        )
-        m.start()
-        self.addCleanup(m.stop)
+        echo_port = echo_server(self)
+        tunnel_port, listen_port = free_ports(2)
+        m = real_master(self)
         reader = yield m.subscribe()
         r = yield m.request("POST", "/instances", body={
             "url": f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{listen_port}", "alias": "srv"})
@@ -76,7 +56,7 @@ class RealTunnelTests(TestCase):
         yield wait_for(lambda: checked(server_id) and checked(client_id), timeout=20)
 
         payload = b"nodepass-master " * 4096
-        sink = _Collect()
+        sink = RawClient()
         ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listen_port)
         proto = yield endpoints.connectProtocol(ep, sink)
         proto.transport.write(payload)
@@ -129,17 +109,8 @@ class RealTunnelTests(TestCase):
     def test_port_clash_shows_error_and_master_survives(self) -> Any:
         if _default_tunnel_factory is None:
             self.skipTest("tunnel core not available")
-        blocker = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
-        self.addCleanup(blocker.stopListening)
-        taken = blocker.getHost().port
-        m = MasterFixture(
-            self.mktemp(),
-            url="master://127.0.0.1:0/api?log=info",
-            settings=Settings(report_interval=0.2, shutdown_timeout=3.0, service_cooldown=0.2),
-            factory=_default_tunnel_factory,
-        )
-        m.start()
-        self.addCleanup(m.stop)
+        taken = echo_server(self)
+        m = real_master(self)
         reader = yield m.subscribe()
         r = yield m.request("POST", "/instances", body={
             "url": f"server://127.0.0.1:{taken}/127.0.0.1:{free_port()}"})

@@ -11,67 +11,42 @@ other check waits on events with generous timeouts.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python import log as twisted_log
 from twisted.trial import unittest
 
 from nodepass.env import Settings
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level
 from nodepass.tunnel import TunnelService, make_tunnel_service
 from nodepass.url import URLError, parse_tunnel_url
+from tests.support import (
+    FAST,
+    NamedLogs,
+    RawClient,
+    UdpEcho,
+    free_port,
+    free_ports,
+    make_cert_files,
+    sleep,
+    udp_user,
+    wait_for,
+)
 from tests.test_datapath_e2e import Sender
-from tests.test_tls import make_cert_files
 
 reactor: Any = _reactor
-
-FAST = Settings(report_interval=0.2, service_cooldown=0.2, handshake_timeout=2.0, pool_get_timeout=2.0)
 
 TLS_HELLO = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x11" * 32
 SOCKS5_HELLO = b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
 HTTP_GET = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
 PLAIN = b"plain data, nothing to block\n"
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.bind(("127.0.0.1", 0))
-        port = int(t.getsockname()[1])
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> Any:
-    waited = 0.0
-    while not cond():
-        if waited > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        yield sleep(0.02)
-        waited += 0.02
 
 
 # -- targets -------------------------------------------------------------------------------
@@ -95,16 +70,6 @@ class Recorder(Protocol):
             self.transport.write(data)
 
 
-class UdpEcho(DatagramProtocol):
-    def __init__(self, owner: Target) -> None:
-        self.owner = owner
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.owner.datagrams.append(datagram)
-        assert self.transport is not None
-        self.transport.write(datagram, addr)  # type: ignore[call-arg]
-
-
 class Target:
     """A TCP target on 127.0.0.1 (and a UDP echo on the same port with ``udp``)."""
 
@@ -119,7 +84,9 @@ class Target:
         port = port or (free_port() if udp else 0)
         self.tcp: Any = reactor.listenTCP(port, factory, backlog=128, interface="127.0.0.1")
         self.port = int(self.tcp.getHost().port)
-        self.udp: Any = reactor.listenUDP(self.port, UdpEcho(self), interface="127.0.0.1") if udp else None
+        echo = UdpEcho()
+        echo.got = self.datagrams
+        self.udp: Any = reactor.listenUDP(self.port, echo, interface="127.0.0.1") if udp else None
         test.addCleanup(self.stop)
 
     @property
@@ -145,34 +112,9 @@ class Target:
 
 
 # -- users ----------------------------------------------------------------------------------
-class User(Protocol):
-    """A user TCP connection: collects what comes back, notices the close."""
-
-    def __init__(self, send: bytes = b"") -> None:
-        self.send = send
-        self.data = b""
-        self.lost = False
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        if self.send:
-            self.transport.write(self.send)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost = True
-        self.closed.callback(None)
-
-    @property
-    def local_port(self) -> int:
-        return int(self.transport.getHost().port)  # type: ignore[union-attr]
-
-
 @defer.inlineCallbacks
 def open_user(test: unittest.TestCase, port: int, send: bytes = b"", bind: str | None = None) -> Any:
-    user = User(send)
+    user = RawClient(send)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5,
                                   bindAddress=(bind, 0) if bind else None)
     yield connectProtocol(endpoint, user)
@@ -199,51 +141,19 @@ def refused_before_target(test: unittest.TestCase, port: int, payload: bytes, ta
     test.assertEqual(len(target.sessions), before, "the refused connection reached the target")
 
 
-class UdpUser(DatagramProtocol):
-    def __init__(self) -> None:
-        self.waiting: list[defer.Deferred[bytes]] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        if self.waiting:
-            self.waiting.pop(0).callback(datagram)
-
-    def ask(self, data: bytes, port: int, timeout: float = 5.0) -> defer.Deferred[bytes]:
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.waiting.append(d)
-
-        def drop(result: Any) -> Any:
-            if d in self.waiting:
-                self.waiting.remove(d)
-            return result
-
-        assert self.transport is not None
-        self.transport.write(data, ("127.0.0.1", port))  # type: ignore[call-arg]
-        return d.addTimeout(timeout, reactor).addErrback(drop)
-
-
-def udp_user(test: unittest.TestCase) -> UdpUser:
-    user = UdpUser()
-    port = reactor.listenUDP(0, user, interface="127.0.0.1")
-    test.addCleanup(port.stopListening)
-    return user
+@defer.inlineCallbacks
+def udp_refused_by_slot(test: unittest.TestCase, pair: Any, side: str, target: Target) -> Any:
+    """A new UDP peer gets no answer within 1 s, *target* sees no datagram and *side* logs the
+    UDP slot refusal; returns that peer (a :class:`UdpUser`) for later asks."""
+    udp = udp_user(test)
+    yield test.assertFailure(udp.ask(b"datagram", pair.user_port, timeout=1.0), defer.TimeoutError)
+    test.assertEqual(target.datagrams, [])
+    test.assertTrue(pair.has(side, "UDP slot limit reached", Level.ERROR))
+    return udp
 
 
 # -- tunnels ----------------------------------------------------------------------------------
-class Logs:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, LogRecord]] = []
-
-    def logger(self, name: str) -> NodePassLogger:
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(lambda r: self.records.append((name, r)))
-        return logger
-
-    def has(self, who: str, fragment: str, level: Level | None = None) -> bool:
-        return any(n == who and fragment in r.text and (level is None or r.level == level)
-                   for n, r in self.records)
-
-
-class Pair(Logs):
+class Pair(NamedLogs):
     """A dual-end tunnel: flow ``-`` (server ingress, client dials *targets*) or ``+``."""
 
     def __init__(self, test: unittest.TestCase, targets: str, *, flow: str = "-", server_q: str = "",
@@ -253,8 +163,7 @@ class Pair(Logs):
         self.test = test
         self.flow = flow
         self.settings = settings
-        self.tunnel_port = free_port()
-        self.user_port = free_port()
+        self.tunnel_port, self.user_port = free_ports(2)
         user = f"127.0.0.1:{self.user_port}"
         spath, cpath, smode = (user, targets, 1) if flow == "-" else (targets, user, 2)
         self.server_url = (f"server://secret@127.0.0.1:{self.tunnel_port}/{spath}"
@@ -299,7 +208,7 @@ class Pair(Logs):
         return self
 
 
-class Single(Logs):
+class Single(NamedLogs):
     """A client in single-end mode listening on ``user_port`` and forwarding to *targets*."""
 
     def __init__(self, test: unittest.TestCase, targets: str, query: str = "", settings: Settings = FAST) -> None:
@@ -332,6 +241,17 @@ class RateTests(unittest.TestCase):
         factory.total = 0  # type: ignore[attr-defined]
         factory.conns = []  # type: ignore[attr-defined]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+        def sink_closed() -> Any:
+            # Runs after the tunnel services have stopped: the target side may
+            # still be draining what the tunnel wrote before its FIN.
+            return wait_for(
+                lambda: all(c.transport is None or not c.transport.connected for c in factory.conns),
+                10.0,
+                "sink connections closed",
+            )
+
+        self.addCleanup(sink_closed)
         self.addCleanup(port.stopListening)
         return factory, f"127.0.0.1:{port.getHost().port}"
 
@@ -355,22 +275,26 @@ class RateTests(unittest.TestCase):
         return (factory.total - before) / (reactor.seconds() - start)
 
     @defer.inlineCallbacks
+    def assertShaped(self, throttle: Any, factory: Any, label: str) -> Any:
+        """*throttle* exists; once its one-second burst is spent (and the pipeline settled),
+        the sink behind *factory* receives RATE_MBIT +/- 10 % over 2 s."""
+        self.assertIsNotNone(throttle)
+        yield wait_for(lambda: throttle.read_bucket.tokens <= 0, 10.0, "throttle engaged")
+        yield sleep(0.5)
+        measured = yield self.measure(factory, 2.0)
+        expected = self.RATE_MBIT * 125_000
+        twisted_log.msg(f"{label} measured {measured * 8 / 1e6:.2f} Mbit/s")
+        self.assertTrue(abs(measured - expected) <= 0.10 * expected,
+                        f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {self.RATE_MBIT} +/- 10%")
+
+    @defer.inlineCallbacks
     def test_measurement_rate_20_mbit_through_tunnel_within_10_percent(self) -> Any:
         """Measurement: rate=20 on both ends gives 20 Mbit/s +/- 10 % over ~2 s."""
         factory, target = self.sink()
         q = f"&rate={self.RATE_MBIT}"
         pair = yield Pair(self, target, server_q=q, client_q=q).start()
         yield self.upload(pair)
-        throttle = pair.ingress.policy.throttle
-        self.assertIsNotNone(throttle)
-        # Spend the one-second burst of the bucket, then let the pipeline settle.
-        yield wait_for(lambda: throttle.read_bucket.tokens <= 0, 10.0, "throttle engaged")
-        yield sleep(0.5)
-        measured = yield self.measure(factory, 2.0)
-        expected = self.RATE_MBIT * 125_000
-        twisted_log.msg(f"rate=20 measured {measured * 8 / 1e6:.2f} Mbit/s")
-        self.assertTrue(abs(measured - expected) <= 0.10 * expected,
-                        f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {self.RATE_MBIT} +/- 10%")
+        yield self.assertShaped(pair.ingress.policy.throttle, factory, "rate=20")
         self.assertGreater(pair.ingress.stats.tcprx, 0)
 
     @defer.inlineCallbacks
@@ -380,15 +304,7 @@ class RateTests(unittest.TestCase):
         single = Single(self, target, f"&rate={self.RATE_MBIT}")
         yield wait_for(lambda: single.service.stats.mode == 1, 5.0, "listening")
         yield self.upload(single)
-        throttle = single.service.policy.throttle
-        self.assertIsNotNone(throttle)
-        yield wait_for(lambda: throttle.read_bucket.tokens <= 0, 10.0, "throttle engaged")
-        yield sleep(0.5)
-        measured = yield self.measure(factory, 2.0)
-        expected = self.RATE_MBIT * 125_000
-        twisted_log.msg(f"single-end rate=20 measured {measured * 8 / 1e6:.2f} Mbit/s")
-        self.assertTrue(abs(measured - expected) <= 0.10 * expected,
-                        f"measured {measured * 8 / 1e6:.2f} Mbit/s, expected {self.RATE_MBIT} +/- 10%")
+        yield self.assertShaped(single.service.policy.throttle, factory, "single-end rate=20")
 
     @defer.inlineCallbacks
     def test_rate_0_is_many_times_faster_than_the_limit(self) -> Any:
@@ -419,10 +335,7 @@ class SlotTests(unittest.TestCase):
         yield refused_before_target(self, pair.user_port, b"third user.", target)
         self.assertTrue(pair.has("server", "TCP slot limit reached: 2/2", Level.ERROR))
         # UDP sessions share the limit: no room for a UDP peer while two TCP sessions run.
-        udp = udp_user(self)
-        yield self.assertFailure(udp.ask(b"datagram", pair.user_port, timeout=1.0), defer.TimeoutError)
-        self.assertEqual(target.datagrams, [])
-        self.assertTrue(pair.has("server", "UDP slot limit reached", Level.ERROR))
+        udp = yield udp_refused_by_slot(self, pair, "server", target)
         # One TCP session ends: its slot goes to the UDP peer.
         u1.transport.loseConnection()
         yield wait_for(lambda: pair.server.stats.tcps == 1, 10.0, "slot released")  # type: ignore[union-attr]
@@ -446,10 +359,7 @@ class SlotTests(unittest.TestCase):
         target = Target(self, udp=True)
         pair = yield Pair(self, target.addr, client_q="&slot=1").start()
         user = yield echo_once(self, pair.user_port, b"first user.")
-        udp = udp_user(self)
-        yield self.assertFailure(udp.ask(b"datagram", pair.user_port, timeout=1.0), defer.TimeoutError)
-        self.assertEqual(target.datagrams, [])
-        self.assertTrue(pair.has("client", "UDP slot limit reached", Level.ERROR))
+        udp = yield udp_refused_by_slot(self, pair, "client", target)
         user.transport.loseConnection()
         yield wait_for(lambda: pair.client.stats.tcps == 0, 10.0, "slot released")  # type: ignore[union-attr]
         # The refused peer's next datagram opens a new session that gets the free slot.
@@ -858,7 +768,7 @@ class SniTests(unittest.TestCase):
         factory.requests = []  # type: ignore[attr-defined]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        logs = Logs()
+        logs = NamedLogs()
         url = f"client://secret@127.0.0.1:{port.getHost().port}/127.0.0.1:1?mode=2{query}"
         svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logs.logger("client"),
                                   settings=FAST)

@@ -2,72 +2,26 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial import unittest
 
-from nodepass.log import NodePassLogger
 from nodepass.pool.tcp import CONTROL_ID, ClientPool, PoolError, ServerPool
+from tests.support import RawClient, connect, quiet_logger, silent_listener, sleep, wait_for
 
 reactor: Any = _reactor
 
 
-@defer.inlineCallbacks
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> Any:
-    waited = 0.0
-    while not cond():
-        if waited > timeout:
-            raise AssertionError("condition not reached in time")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-
-
-def quiet() -> NodePassLogger:
-    return NodePassLogger("debug", stream=None)
-
-
-class RawReader(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
-
-
-def raw_connect(port: int, bind: str | None = None) -> defer.Deferred[RawReader]:
-    d: defer.Deferred[RawReader] = defer.Deferred()
-    proto = RawReader()
-
-    class F(ClientFactory):
-        def buildProtocol(self, addr: Any) -> Protocol:
-            reactor.callLater(0, d.callback, proto)
-            return proto
-
-        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-            d.errback(reason)
-
-    kw: dict[str, Any] = {"bindAddress": (bind, 0)} if bind else {}
-    reactor.connectTCP("127.0.0.1", port, F(), **kw)
-    return d
-
-
 class ServerPoolTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.pool = ServerPool(reactor, quiet(), max_cap=8, client_ip="127.0.0.1", keepalive=1.0)
+        self.pool = ServerPool(reactor, quiet_logger(), max_cap=8, client_ip="127.0.0.1", keepalive=1.0)
         self.port = reactor.listenTCP(0, self.pool.factory(), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.addCleanup(self.pool.close)
         self.portno = self.port.getHost().port
-        self.readers: list[RawReader] = []
+        self.readers: list[RawClient] = []
 
     def tearDown(self) -> Any:
         for r in self.readers:
@@ -77,7 +31,7 @@ class ServerPoolTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def connect(self, bind: str | None = None) -> Any:
-        r = yield raw_connect(self.portno, bind)
+        r = yield connect(self.portno, RawClient(), bind)
         self.readers.append(r)
         return r
 
@@ -150,7 +104,7 @@ class ServerPoolTests(unittest.TestCase):
         for _ in range(10):
             yield self.connect()
         yield wait_for(lambda: self.pool.active == 8)
-        yield task.deferLater(reactor, 0.2, lambda: None)
+        yield sleep(0.2)
         self.assertEqual(self.pool.active, 8)
         self.assertEqual(sum(1 for r in self.readers if len(r.data) == 4), 8)
 
@@ -182,10 +136,10 @@ class ServerPoolTests(unittest.TestCase):
 class ClientPoolTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_fills_and_matches_server_ids(self) -> Any:
-        server = ServerPool(reactor, quiet(), max_cap=16, client_ip="127.0.0.1")
+        server = ServerPool(reactor, quiet_logger(), max_cap=16, client_ip="127.0.0.1")
         port = reactor.listenTCP(0, server.factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        client = ClientPool(reactor, quiet(), min_cap=4, max_cap=16, min_interval=0.05, max_interval=0.2,
+        client = ClientPool(reactor, quiet_logger(), min_cap=4, max_cap=16, min_interval=0.05, max_interval=0.2,
                             keepalive=1.0, host="127.0.0.1", port=port.getHost().port)
         self.addCleanup(client.close)
         self.addCleanup(server.close)
@@ -205,7 +159,7 @@ class ClientPoolTests(unittest.TestCase):
         self.assertEqual(client.active, 0)
 
     def test_adaptive_rules(self) -> None:
-        c = ClientPool(reactor, quiet(), min_cap=2, max_cap=5, min_interval=0.1, max_interval=0.5,
+        c = ClientPool(reactor, quiet_logger(), min_cap=2, max_cap=5, min_interval=0.1, max_interval=0.5,
                        keepalive=1.0, host="127.0.0.1", port=1)
         self.assertEqual((c.capacity, c.interval), (2, 0.1))
         c._adjust_capacity(2)  # ratio 1.0 > 0.8: grow
@@ -229,7 +183,7 @@ class ClientPoolTests(unittest.TestCase):
         self.assertAlmostEqual(c.interval, 0.4)
 
     def test_swaps_min_max(self) -> None:
-        c = ClientPool(reactor, quiet(), min_cap=9, max_cap=3, min_interval=1.0, max_interval=0.1,
+        c = ClientPool(reactor, quiet_logger(), min_cap=9, max_cap=3, min_interval=1.0, max_interval=0.1,
                        keepalive=1.0, host="127.0.0.1", port=1)
         self.assertEqual((c.min_cap, c.max_cap), (3, 9))
         self.assertEqual((c.min_interval, c.max_interval), (0.1, 1.0))
@@ -237,14 +191,11 @@ class ClientPoolTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_id_never_arrives_is_bounded(self) -> Any:
         """A server that accepts but never sends an ID does not add connections."""
-        silent = socket.socket()
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        self.addCleanup(silent.close)
-        client = ClientPool(reactor, quiet(), min_cap=2, max_cap=2, min_interval=0.05, max_interval=0.05,
+        silent = silent_listener(self, 16)
+        client = ClientPool(reactor, quiet_logger(), min_cap=2, max_cap=2, min_interval=0.05, max_interval=0.05,
                             keepalive=1.0, host="127.0.0.1", port=silent.getsockname()[1])
         client.start()
-        yield task.deferLater(reactor, 0.3, lambda: None)
+        yield sleep(0.3)
         self.assertEqual(client.active, 0)
         client.close()
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield sleep(0.05)

@@ -18,13 +18,12 @@ import treq
 from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from tests.support import echo_roundtrip, echo_server, free_port, free_ports, new_dir, sleep
 from tests.test_master_support import SSEReader, raw_request, reactor, wait_for
-from tests.test_master_tunnel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHUTDOWN_TIMEOUT = 5.0
@@ -122,46 +121,12 @@ def exit_code(reason: Failure) -> tuple[int | None, int | None]:
     return value.exitCode, value.signal
 
 
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
-
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-
 @inlineCallbacks
-def echo_through(port: int, payload: bytes, timeout: float = 20.0) -> Any:
-    """Send *payload* to 127.0.0.1:*port* and wait for it to come back (retrying the connect)."""
-    waited = 0.0
-    while True:
-        try:
-            proto = yield endpoints.connectProtocol(
-                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), _Collect()
-            )
-        except Exception:
-            if waited > timeout:
-                raise
-            yield deferLater(reactor, 0.3, lambda: None)
-            waited += 0.3
-            continue
-        proto.transport.write(payload)
-        try:
-            yield wait_for(lambda p=proto: len(p.data) >= len(payload), timeout=timeout)
-        finally:
-            proto.transport.loseConnection()
-        return proto.data
-
-
-def echo_server(test: TestCase) -> int:
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
-    test.addCleanup(port.stopListening)
-    return int(port.getHost().port)
+def terminated_cleanly(test: TestCase, proc: NodePassProcess) -> Any:
+    """Send SIGTERM to *proc*; it must exit with code 0 (not by a signal)."""
+    proc.signal("TERM")
+    status = yield proc.wait_exit()
+    test.assertEqual(status, (0, None))
 
 
 class MasterClient:
@@ -245,10 +210,9 @@ class MasterProcessTests(TestCase):
 
     @inlineCallbacks
     def run_lifecycle(self) -> Any:
-        state_dir = os.path.abspath(self.mktemp())
-        os.makedirs(state_dir)
+        state_dir = new_dir(self)
         echo_port = echo_server(self)
-        tunnel_port, local_port = free_port(), free_port()
+        tunnel_port, local_port = free_ports(2)
         proc = spawn(self, self.master_args(0), state_dir)
         api = yield MasterClient(self, proc).connect()
         self.assertEqual(api.key_word, "created")
@@ -271,15 +235,15 @@ class MasterProcessTests(TestCase):
         code, _ = yield api.call("PATCH", f"/instances/{manual['id']}", {"restart": False})
         self.assertEqual(code, 200)
         payload = b"nodepass-process-" * 1000
-        got = yield echo_through(local_port, payload)
+        got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
         live = yield wait_for_counters(api, client["id"], len(payload))
         # a long-running process must not log per connection (twistd's "Starting factory" lines)
         noise = re.compile(r"(Starting|Stopping) (factory|protocol)")
         before_noise = sum(1 for line in proc.lines if noise.search(line))
         for i in range(5):
-            got = yield echo_through(local_port, b"quiet %d" % i)
-        yield deferLater(reactor, 0.5, lambda: None)
+            got = yield echo_roundtrip(local_port, b"quiet %d" % i)
+        yield sleep(0.5)
         noisy = [line for line in proc.lines if noise.search(line)]
         self.assertEqual(len(noisy), before_noise, noisy[-6:])
         live = yield wait_for_counters(api, client["id"], len(payload))
@@ -322,7 +286,7 @@ class MasterProcessTests(TestCase):
         self.assertEqual(after[client["id"]]["alias"], "cli")
         self.assertEqual(after[client["id"]]["meta"]["tags"], {"env": "test"})
         self.assertGreaterEqual(after[client["id"]]["tcprx"], saved[client["id"]]["tcprx"])
-        got = yield echo_through(local_port, payload)
+        got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
         grown = yield wait_for_counters(api2, client["id"], saved[client["id"]]["tcprx"] + len(payload))
         self.assertGreaterEqual(grown["tcprx"], 2 * len(payload))
@@ -347,7 +311,7 @@ def wait_for_counters(api: MasterClient, instance_id: str, at_least: int) -> Any
         item = items[instance_id]
         if item["tcprx"] >= at_least:
             return item
-        yield deferLater(reactor, 0.2, lambda: None)
+        yield sleep(0.2)
     raise AssertionError(f"counters never reached {at_least}: {item}")
 
 
@@ -379,8 +343,7 @@ class BadInputTests(TestCase):
     @inlineCallbacks
     def test_bad_requests_keep_master_and_state(self) -> Any:
         """Malformed, huge, deeply nested bodies, bad URLs, ids and meta: 4xx, nothing changes."""
-        state_dir = os.path.abspath(self.mktemp())
-        os.makedirs(state_dir)
+        state_dir = new_dir(self)
         tunnel_port = free_port()
         proc = spawn(self, ["-m", "nodepass", "master://127.0.0.1:0?log=info"], state_dir)
         api = yield MasterClient(self, proc).connect()
@@ -455,15 +418,12 @@ class BadInputTests(TestCase):
         self.assertEqual(set(now_state), set(before_state))
         self.assertEqual(now_state[sid]["meta"], before_state[sid]["meta"])
         self.assertNotIn("Traceback", proc.text)
-        proc.signal("TERM")
-        status = yield proc.wait_exit()
-        self.assertEqual(status, (0, None))
+        yield terminated_cleanly(self, proc)
 
     @inlineCallbacks
     def test_corrupt_state_falls_back_to_backup(self) -> Any:
         """A main state file truncated while the master is down: the backup is loaded, with ERROR lines."""
-        state_dir = os.path.abspath(self.mktemp())
-        os.makedirs(state_dir)
+        state_dir = new_dir(self)
         tunnel_port = free_port()
         args = ["-m", "nodepass", "master://127.0.0.1:0?log=info"]
         proc = spawn(self, args, state_dir)
@@ -472,9 +432,7 @@ class BadInputTests(TestCase):
             "POST", "/instances", {"url": f"server://127.0.0.1:{tunnel_port}/127.0.0.1:9", "alias": "precious"}
         )
         self.assertEqual(code, 201)
-        proc.signal("TERM")
-        status = yield proc.wait_exit()
-        self.assertEqual(status, (0, None))
+        yield terminated_cleanly(self, proc)
         # the disk mangles the main file while the master is down
         path = os.path.join(state_dir, "nodepass.json")
         with open(path, "r+b") as handle:
@@ -492,9 +450,7 @@ class BadInputTests(TestCase):
         self.assertTrue(os.path.exists(path + ".corrupt"))
         # the main file is whole again
         yield wait_for(lambda: server["id"] in state_instances(state_dir))
-        proc2.signal("TERM")
-        status = yield proc2.wait_exit()
-        self.assertEqual(status, (0, None))
+        yield terminated_cleanly(self, proc2)
 
 
 class CrashTests(TestCase):
@@ -505,8 +461,7 @@ class CrashTests(TestCase):
     @inlineCallbacks
     def test_sigkill_during_saves(self) -> Any:
         """SIGKILL during a burst of PATCHes: the state file parses and loads; temporaries are cleaned."""
-        state_dir = os.path.abspath(self.mktemp())
-        os.makedirs(state_dir)
+        state_dir = new_dir(self)
         args = ["-m", "nodepass", "master://127.0.0.1:0?log=info"]
         proc = spawn(self, args, state_dir)
         api = yield MasterClient(self, proc).connect()
@@ -535,9 +490,7 @@ class CrashTests(TestCase):
         items = yield api2.instances()
         self.assertEqual(items[server["id"]]["alias"], saved[server["id"]]["alias"])
         self.assertEqual([n for n in os.listdir(state_dir) if n.endswith(".tmp")], [])
-        proc2.signal("TERM")
-        status = yield proc2.wait_exit()
-        self.assertEqual(status, (0, None))
+        yield terminated_cleanly(self, proc2)
 
 
 class TunnelProcessTests(TestCase):
@@ -548,10 +501,9 @@ class TunnelProcessTests(TestCase):
     @inlineCallbacks
     def test_two_processes_carry_traffic_and_stop_on_sigint(self) -> Any:
         """Echo traffic across two processes; garbage and silent peers on the tunnel port; SIGINT → exit 0."""
-        work = os.path.abspath(self.mktemp())
-        os.makedirs(work)
+        work = new_dir(self)
         echo_port = echo_server(self)
-        tunnel_port, local_port = free_port(), free_port()
+        tunnel_port, local_port = free_ports(2)
         server = spawn(
             self, ["-m", "nodepass", f"server://pw@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?log=info"], work,
             NP_HANDSHAKE_TIMEOUT="2s",
@@ -569,13 +521,13 @@ class TunnelProcessTests(TestCase):
         )
         yield client.wait_line("Client started")
         payload = b"two-processes " * 5000
-        got = yield echo_through(local_port, payload)
+        got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
 
         # garbage on the tunnel port once the tunnel is up: nothing else is disturbed
         for junk in (b"\x00" * 4096, b"GET / HTTP/1.1\r\n\r\n", os.urandom(2048), b"\r\n" * 100):
             yield raw_garbage(tunnel_port, junk)
-        got = yield echo_through(local_port, payload)
+        got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
         self.assertTrue(server.running and client.running)
 

@@ -7,6 +7,7 @@ import base64
 from twisted.trial import unittest
 
 from nodepass.tunnel.signals import LineSplitter, Signal, SignalError, decode, encode, xor
+from tests.support import quiet_logger
 
 
 class VectorTests(unittest.TestCase):
@@ -121,15 +122,13 @@ class ControlChannelTests(unittest.TestCase):
         from twisted.internet.testing import StringTransport
 
         from nodepass.env import Settings
-        from nodepass.log import NodePassLogger
         from nodepass.stats import TunnelStats
         from nodepass.tunnel.health import ControlChannel
         from nodepass.tunnel.relay import RelayProtocol
 
         self.clock = Clock()
         self.records: list = []
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(self.records.append)
+        logger = quiet_logger("debug", self.records)
         self.conn = RelayProtocol()
         self.transport = StringTransport()
         self.conn.makeConnection(self.transport)

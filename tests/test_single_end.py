@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -16,37 +15,9 @@ from nodepass.env import Settings
 from nodepass.log import LogRecord, NodePassLogger
 from nodepass.tunnel.single import SingleEndService, make_single_end
 from nodepass.url import parse_tunnel_url
+from tests.support import RawClient, UdpEcho, free_port, quiet_logger, udp_user, wait_for
 
 reactor: Any = _reactor
-
-
-def free_port() -> int:
-    """A port number currently free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.bind(("127.0.0.1", 0))
-        port = int(t.getsockname()[1])
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
-
-
-@defer.inlineCallbacks
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> Any:
-    """Poll *cond* every 20 ms; fail after *timeout* seconds."""
-    waited = 0.0
-    while not cond():
-        if waited > timeout:
-            raise AssertionError("condition not reached")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
 
 
 class TcpEcho(Protocol):
@@ -64,49 +35,12 @@ class TcpEcho(Protocol):
         self.transport.write(data)
 
 
-class UdpEcho(DatagramProtocol):
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        assert self.transport is not None
-        self.transport.write(datagram, addr)  # type: ignore[call-arg]
-
-
-class Client(Protocol):
-    """TCP user: collects bytes, notices the close."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
-
-
-class UdpUser(DatagramProtocol):
-    def __init__(self) -> None:
-        self.waiting: list[defer.Deferred[bytes]] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        if self.waiting:
-            self.waiting.pop(0).callback(datagram)
-
-    def ask(self, data: bytes, port: int) -> defer.Deferred[bytes]:
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.waiting.append(d)
-        assert self.transport is not None
-        self.transport.write(data, ("127.0.0.1", port))  # type: ignore[call-arg]
-        return d.addTimeout(5, reactor)
-
-
 class SingleEndTests(unittest.TestCase):
     timeout = 30
 
     def setUp(self) -> None:
         self.records: list[LogRecord] = []
-        self.logger = NodePassLogger("debug", stream=None)
-        self.logger.add_observer(self.records.append)
+        self.logger = quiet_logger("debug", self.records)
         self.settings = Settings(report_interval=0.2, udp_read_timeout=30.0, service_cooldown=0.2)
         self.tcp_factory = Factory.forProtocol(TcpEcho)
         self.tcp_factory.conns = []  # type: ignore[attr-defined]
@@ -132,7 +66,7 @@ class SingleEndTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def connect(self, port: int) -> Any:
-        client = Client()
+        client = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         return client
 
@@ -160,9 +94,7 @@ class SingleEndTests(unittest.TestCase):
     def test_udp_echo_and_counters(self) -> Any:
         """Datagrams reach the UDP target and replies come back; UDPRX/UDPTX exact."""
         service = self.start(target_port=self.udp_target.getHost().port)
-        user = UdpUser()
-        port = reactor.listenUDP(0, user, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        user = udp_user(self)
         total = 0
         for i in range(4):
             data = b"datagram %d " % i * (i + 1)
@@ -179,9 +111,7 @@ class SingleEndTests(unittest.TestCase):
         """A UDP session without replies for udp_read_timeout ends and frees its slot."""
         self.settings = Settings(report_interval=0.2, udp_read_timeout=0.2)
         service = self.start(target_port=self.udp_target.getHost().port)
-        user = UdpUser()
-        port = reactor.listenUDP(0, user, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
+        user = udp_user(self)
         reply = yield user.ask(b"x", service.udp_port)
         self.assertEqual(reply, b"x")
         yield wait_for(lambda: service.stats.udps == 0)

@@ -2,54 +2,25 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import tempfile
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial import unittest
 
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level, LogRecord
 from nodepass.tls import ServerTLS, client_connection_creator, fingerprint, self_signed_pem, server_tls
-
-
-def make_cert_files(directory: str, cn: str = "localhost", names: tuple[str, ...] = ("localhost",)) -> tuple[str, str, bytes]:
-    """Write a self-signed cert/key pair for ``names``; returns (crt path, key path, DER)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    crt_path = os.path.join(directory, "tls.crt")
-    key_path = os.path.join(directory, "tls.key")
-    with open(crt_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return crt_path, key_path, cert.public_bytes(serialization.Encoding.DER)
+from tests.support import make_cert_files, quiet_logger
 
 
 class Capture:
     def __init__(self) -> None:
         self.records: list[LogRecord] = []
-        self.logger = NodePassLogger("debug", stream=None)
-        self.logger.add_observer(self.records.append)
+        self.logger = quiet_logger("debug", self.records)
 
     def lines(self, level: Level | None = None) -> list[str]:
         return [r.text for r in self.records if level is None or r.level == level]

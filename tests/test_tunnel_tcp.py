@@ -5,64 +5,44 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from nodepass.env import Settings
-from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.log import Level, LogRecord
 from nodepass.tunnel import TunnelService, make_tunnel_service
 from nodepass.tunnel.handshake import TunnelConfig, auth_token, build_request, parse_response
 from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.url import parse_tunnel_url
-from tests.test_tls import make_cert_files
+from tests import support
+from tests.support import (
+    FAST,
+    Echo,
+    NamedLogs,
+    RawClient,
+    UdpEcho,
+    UdpUser,
+    connect,
+    echo_server,
+    free_port,
+    free_ports,
+    make_cert_files,
+    quiet_logger,
+    silent_listener,
+    sleep,
+)
 
 reactor: Any = _reactor
 
-FAST = Settings(report_interval=0.2, service_cooldown=0.2, handshake_timeout=2.0, pool_get_timeout=2.0)
-
-
-def free_port() -> int:
-    """A port free for TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.bind(("127.0.0.1", 0))
-        port = int(t.getsockname()[1])
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-        return port
-    raise RuntimeError("no free port")
-
-
-@defer.inlineCallbacks
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> Any:
-    waited = 0.0
-    while not cond():
-        if waited > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-
-
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-class Echo(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> defer.Deferred[Any]:
+    """:func:`tests.support.wait_for` with this module's longer default timeout."""
+    return support.wait_for(cond, timeout, what)
 
 
 class Collector(Protocol):
@@ -93,22 +73,6 @@ class Collector(Protocol):
         self.closed.callback(None)
 
 
-def connect(port: int, proto: Protocol, bind: str | None = None) -> defer.Deferred[Protocol]:
-    d: defer.Deferred[Protocol] = defer.Deferred()
-
-    class F(ClientFactory):
-        def buildProtocol(self, addr: Any) -> Protocol:
-            reactor.callLater(0, lambda: d.called or d.callback(proto))
-            return proto
-
-        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-            d.errback(reason)
-
-    kw: dict[str, Any] = {"bindAddress": (bind, 0)} if bind else {}
-    reactor.connectTCP("127.0.0.1", port, F(), timeout=5, **kw)
-    return d
-
-
 @defer.inlineCallbacks
 def echo_through(port: int, payload: bytes) -> Any:
     proto = Collector(payload, len(payload))
@@ -118,26 +82,7 @@ def echo_through(port: int, payload: bytes) -> Any:
     return data
 
 
-class Raw(Protocol):
-    """A raw client on the tunnel port."""
-
-    def __init__(self, send: bytes = b"") -> None:
-        self.send = send
-        self.data = b""
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        if self.send:
-            self.transport.write(self.send)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
-
-
-class Tunnel:
+class Tunnel(NamedLogs):
     """A server and a client service wired to an echo target."""
 
     def __init__(
@@ -154,12 +99,11 @@ class Tunnel:
     ) -> None:
         self.test = test
         self.settings = settings
-        self.records: list[tuple[str, LogRecord]] = []
+        super().__init__()
         self.echo_port = reactor.listenTCP(0, Factory.forProtocol(Echo), backlog=1024, interface="127.0.0.1")
         test.addCleanup(self.echo_port.stopListening)
         echo = self.echo_port.getHost().port
-        self.tunnel_port = free_port()
-        self.user_port = free_port()
+        self.tunnel_port, self.user_port = free_ports(2)
         if flow == "-":
             server_target, client_target, smode = self.user_port, echo, 1
         else:
@@ -176,14 +120,9 @@ class Tunnel:
         self.server: TunnelService | None = None
         self.client: TunnelService | None = None
 
-    def _logger(self, name: str) -> NodePassLogger:
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(lambda r: self.records.append((name, r)))
-        return logger
-
     def make(self, name: str) -> TunnelService:
         url = self.server_url if name == "server" else self.client_url
-        svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=self._logger(name),
+        svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=self.logger(name),
                                   settings=self.settings)
         self.test.addCleanup(lambda: svc.running and svc.stopService())
         return svc
@@ -204,6 +143,16 @@ class Tunnel:
         self.start_client()
         yield self.ready()
 
+    def new_session(self, name: str, old: Any, what: str) -> defer.Deferred[Any]:
+        """Wait (15 s) until service *name* runs a session other than *old*, with its control connection."""
+
+        def replaced() -> bool:
+            svc: TunnelService | None = getattr(self, name)
+            session = svc.session if svc is not None else None
+            return session is not old and session is not None and session.control is not None
+
+        return wait_for(replaced, what=what)
+
     def ingress(self) -> TunnelService | None:
         return self.server if self.flow == "-" else self.client
 
@@ -216,12 +165,6 @@ class Tunnel:
                         and (self.flow == "+" or len(s._listeners) >= 2))
 
         yield wait_for(ok, timeout, "tunnel ready")
-
-    def texts(self, who: str, level: Level | None = None) -> list[str]:
-        return [r.text for n, r in self.records if n == who and (level is None or r.level == level)]
-
-    def has(self, who: str, fragment: str, level: Level | None = None) -> bool:
-        return any(fragment in t for t in self.texts(who, level))
 
 
 class HandshakeUnitTests(unittest.TestCase):
@@ -356,8 +299,7 @@ class RestartTests(unittest.TestCase):
         yield t.server.stopService()
         yield wait_for(lambda: t.has("client", "Client error: ", Level.ERROR), what="client error")
         t.start_server()
-        yield wait_for(lambda: t.client.session is not old_client_session and t.client.session is not None
-                       and t.client.session.control is not None, what="client reconnect")
+        yield t.new_session("client", old_client_session, "client reconnect")
         yield t.ready()
         data = yield echo_through(t.user_port, b"after" * 1000)
         self.assertEqual(data, b"after" * 1000)
@@ -368,10 +310,11 @@ class RestartTests(unittest.TestCase):
         t = Tunnel(self, flow="-")
         yield t.start()
         session = t.server.session
+        yield wait_for(lambda: t.client.session is not None and t.client.session.control is not None,
+                       what="client control channel")
         t.client.session.control.conn.abort()
         yield wait_for(lambda: t.has("server", "Server error: ", Level.ERROR), what="server error")
-        yield wait_for(lambda: t.server.session is not session and t.server.session is not None
-                       and t.server.session.control is not None, what="server back")
+        yield t.new_session("server", session, "server back")
         yield t.ready()
         data = yield echo_through(t.user_port, b"x" * 5000)
         self.assertEqual(data, b"x" * 5000)
@@ -415,14 +358,14 @@ class BadInputTests(unittest.TestCase):
             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(40), b"HTTP/1.1 400 ", b"Bad Request\n"),
         ]
         for request, status, body in cases:
-            raw = Raw(request)
+            raw = RawClient(request)
             yield connect(t.tunnel_port, raw)
             yield raw.closed
             self.assertTrue(raw.data.startswith(status), raw.data)
             self.assertTrue(raw.data.endswith(body), raw.data)
             self.assertIn(b"Connection: close\r\n", raw.data)
         # A silent connection is closed after the handshake timeout.
-        silent = Raw()
+        silent = RawClient()
         yield connect(t.tunnel_port, silent)
         yield silent.closed
         self.assertTrue(t.has("server", "timed out", Level.WARN))
@@ -458,7 +401,7 @@ class BadInputTests(unittest.TestCase):
         for _batch in range(10):
             raws = []
             for i in range(100):
-                raw = Raw(garbage_kinds[i % len(garbage_kinds)])
+                raw = RawClient(garbage_kinds[i % len(garbage_kinds)])
                 bind = "127.0.0.2" if i % 2 else None
                 raws.append(raw)
                 connect(t.tunnel_port, raw, bind=bind).addErrback(lambda f, r=raw: r.closed.callback(None))
@@ -484,7 +427,7 @@ class BadInputTests(unittest.TestCase):
     def test_http_after_handshake_from_other_ip_is_closed(self) -> Any:
         t = Tunnel(self)
         yield t.start()
-        raw = Raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = RawClient(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         yield connect(t.tunnel_port, raw, bind="127.0.0.2")
         yield raw.closed
         self.assertEqual(raw.data, b"")
@@ -512,19 +455,6 @@ class ModeTests(unittest.TestCase):
         self.assertEqual(data, b"fwd")
 
 
-class UdpEcho(DatagramProtocol):
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.transport.write(datagram, addr)  # type: ignore[union-attr]
-
-
-class UdpUser(DatagramProtocol):
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.got.append(datagram)
-
-
 class UdpThroughTunnelTests(unittest.TestCase):
     timeout = 30
 
@@ -549,8 +479,8 @@ class UdpThroughTunnelTests(unittest.TestCase):
         self.addCleanup(sock.stopListening)
         for i in range(5):
             sock.write(b"dgram-%d" % i, ("127.0.0.1", t.user_port))
-            yield wait_for(lambda i=i: len(user.got) == i + 1, 10, "udp echo")
-        self.assertEqual(user.got, [b"dgram-%d" % i for i in range(5)])
+            yield wait_for(lambda i=i: len(user.replies) == i + 1, 10, "udp echo")
+        self.assertEqual(user.replies, [b"dgram-%d" % i for i in range(5)])
         ingress = t.server if flow == "-" else t.client
         self.assertEqual(ingress.stats.udprx, sum(len(b"dgram-%d" % i) for i in range(5)))
         self.assertEqual(ingress.stats.udptx, ingress.stats.udprx)
@@ -645,13 +575,11 @@ class ClientSingleEndChoiceTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mode0_binds_locally_and_forwards(self) -> Any:
-        echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
-        self.addCleanup(echo.stopListening)
+        echo = echo_server(self)
         port = free_port()
         records: list[LogRecord] = []
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(records.append)
-        url = f"client://127.0.0.1:{port}/127.0.0.1:{echo.getHost().port}?mode=0&noudp=1"
+        logger = quiet_logger("debug", records)
+        url = f"client://127.0.0.1:{port}/127.0.0.1:{echo}?mode=0&noudp=1"
         svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=FAST)
         svc.startService()
         self.addCleanup(lambda: svc.running and svc.stopService())
@@ -662,20 +590,15 @@ class ClientSingleEndChoiceTests(unittest.TestCase):
         yield svc.stopService()
 
 
-
 class StopTests(unittest.TestCase):
     timeout = 20
 
     @defer.inlineCallbacks
     def test_stop_during_handshake_leaves_nothing_behind(self) -> Any:
-        silent = socket.socket()
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        self.addCleanup(silent.close)
+        silent = silent_listener(self, 8)
         port = silent.getsockname()[1]
         records: list[LogRecord] = []
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(records.append)
+        logger = quiet_logger("debug", records)
         settings = Settings(report_interval=0.2, service_cooldown=0.2, handshake_timeout=30.0)
         url = f"client://k@127.0.0.1:{port}/127.0.0.1:9?mode=2"
         svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=settings)
@@ -687,13 +610,9 @@ class StopTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_handshake_timeout_is_an_error(self) -> Any:
-        silent = socket.socket()
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        self.addCleanup(silent.close)
+        silent = silent_listener(self, 8)
         records: list[LogRecord] = []
-        logger = NodePassLogger("debug", stream=None)
-        logger.add_observer(records.append)
+        logger = quiet_logger("debug", records)
         settings = Settings(report_interval=0.2, service_cooldown=0.2, handshake_timeout=0.3)
         url = f"client://k@127.0.0.1:{silent.getsockname()[1]}/127.0.0.1:9?mode=2"
         svc = make_tunnel_service(parse_tunnel_url(url), reactor=reactor, logger=logger, settings=settings)

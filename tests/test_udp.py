@@ -6,12 +6,11 @@ connection as the pool connection between the ingress and egress halves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from nodepass.env import Settings
@@ -19,6 +18,7 @@ from nodepass.log import LogRecord, NodePassLogger
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.udp import IdleTimer, PauseGate, UdpEgress, UdpIngress, peer_key
+from tests.support import UdpEcho, UdpUser, free_ports, quiet_logger, silent_listener, sleep, wait_for
 
 reactor: Any = _reactor
 
@@ -50,52 +50,6 @@ class FakePolicy:
 
     def udp_target(self) -> defer.Deferred[tuple[str, int]]:
         return defer.succeed(self.target)
-
-
-class Echo(DatagramProtocol):
-    """UDP echo target; remembers what it got."""
-
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.got.append(datagram)
-        assert self.transport is not None
-        self.transport.write(datagram, addr)  # type: ignore[call-arg]
-
-
-class User(DatagramProtocol):
-    """A UDP client that collects replies."""
-
-    def __init__(self) -> None:
-        self.replies: list[bytes] = []
-        self.waiting: list[defer.Deferred[bytes]] = []
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.replies.append(datagram)
-        while self.waiting:
-            d = self.waiting.pop(0)
-            if not d.called:  # skip questions that already timed out
-                d.callback(datagram)
-                break
-
-    def ask(self, data: bytes, port: int, timeout: float = 5) -> defer.Deferred[bytes]:
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.waiting.append(d)
-        assert self.transport is not None
-        self.transport.write(data, ("127.0.0.1", port))  # type: ignore[call-arg]
-        return d.addTimeout(timeout, reactor)
-
-
-@defer.inlineCallbacks
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> Any:
-    """Poll *cond* every 20 ms; fail after *timeout* seconds."""
-    waited = 0.0
-    while not cond():
-        if waited > timeout:
-            raise AssertionError("condition not reached")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
 
 
 class PoolPair:
@@ -134,10 +88,9 @@ class UdpTunnelTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.records: list[LogRecord] = []
-        self.logger = NodePassLogger("debug", stream=None)
-        self.logger.add_observer(self.records.append)
+        self.logger = quiet_logger("debug", self.records)
         self.settings = Settings(udp_read_timeout=30.0)
-        self.echo = Echo()
+        self.echo = UdpEcho()
         self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1", maxPacketSize=65536)
         self.target = ("127.0.0.1", self.echo_port.getHost().port)
         self.in_stats = TunnelStats()
@@ -157,7 +110,7 @@ class UdpTunnelTests(unittest.TestCase):
             policy=self.out_policy,
         )
         self.ingress = self.make_ingress(self.settings)
-        self.user = User()
+        self.user = UdpUser()
         self.user_port = reactor.listenUDP(0, self.user, interface="127.0.0.1", maxPacketSize=65536)
         yield None
 
@@ -260,7 +213,7 @@ class UdpTunnelTests(unittest.TestCase):
         self.in_policy.limit = 0
         self.user.transport.write(b"dropped", ("127.0.0.1", self.ingress.port))  # type: ignore[union-attr,call-arg]
         yield wait_for(lambda: self.in_stats.udprx == 7)
-        yield task.deferLater(reactor, 0.1, lambda: None)
+        yield sleep(0.1)
         self.assertEqual(self.signals, [])
         self.assertEqual(self.links, [])
         self.assertEqual(self.ingress.sessions, 0)
@@ -293,8 +246,19 @@ class UdpTunnelTests(unittest.TestCase):
         """With a throttle both halves charge it and datagrams still get through."""
         from nodepass.datapath.ratelimit import Throttle
 
-        self.in_policy.throttle = Throttle(reactor, 1_000_000)
-        self.out_policy.throttle = Throttle(reactor, 1_000_000)
+        class Recording(Throttle):
+            """A real throttle that also records what each direction was charged."""
+
+            def __init__(self) -> None:
+                super().__init__(reactor, 1_000_000)
+                self.charged: dict[str, int] = {"read": 0, "write": 0}
+
+            def consume(self, nbytes: int, producer: Any, direction: str = "read") -> None:
+                self.charged[direction] += nbytes
+                super().consume(nbytes, producer, direction)
+
+        self.in_policy.throttle = Recording()
+        self.out_policy.throttle = Recording()
         yield self.ingress.stop()
         self.ingress = self.make_ingress(self.settings)
         self.egress = UdpEgress(
@@ -304,21 +268,22 @@ class UdpTunnelTests(unittest.TestCase):
             stats=self.out_stats,
             policy=self.out_policy,
         )
+        sent = 0
         for i in range(3):
             data = b"r%d" % i * 1000
             reply = yield self.user.ask(data, self.ingress.port)
             self.assertEqual(reply, data)
-        self.assertLess(self.in_policy.throttle.read_bucket.tokens, 1_000_000)
-        self.assertLess(self.in_policy.throttle.write_bucket.tokens, 1_000_000)
-        self.assertLess(self.out_policy.throttle.read_bucket.tokens, 1_000_000)
-        self.assertLess(self.out_policy.throttle.write_bucket.tokens, 1_000_000)
+            sent += len(data)
+        # Each side charges every datagram once on the way in and once on the way out.
+        for throttle in (self.in_policy.throttle, self.out_policy.throttle):
+            self.assertEqual(throttle.charged, {"read": sent, "write": sent})  # type: ignore[union-attr]
         self.in_policy.throttle.stop()
         self.out_policy.throttle.stop()
 
     @defer.inlineCallbacks
     def test_two_peers_two_sessions(self) -> Any:
         """Each user address gets its own session and signal."""
-        other = User()
+        other = UdpUser()
         other_port = reactor.listenUDP(0, other, interface="127.0.0.1")
         self.addCleanup(other_port.stopListening)
         a = yield self.user.ask(b"from-a", self.ingress.port)
@@ -338,7 +303,7 @@ class UdpEgressTests(unittest.TestCase):
         self.logger = NodePassLogger("debug", stream=None)
         self.records: list[LogRecord] = []
         self.logger.add_observer(self.records.append)
-        self.echo = Echo()
+        self.echo = UdpEcho()
         self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1")
         self.addCleanup(self.echo_port.stopListening)
         self.stats = TunnelStats()
@@ -407,16 +372,12 @@ class PoolLinkTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_one_send_per_datagram_on_plain_tcp(self) -> Any:
         """Each datagram reaches the socket at once, so consecutive ones are not merged."""
-        import socket
 
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
         from nodepass.tunnel.udp import as_link
 
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        self.addCleanup(server.close)
+        server = silent_listener(self, 1)
         conn = RelayProtocol()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.getsockname()[1]), conn)
         self.addCleanup(conn.abort)
@@ -472,35 +433,6 @@ class HelperTests(unittest.TestCase):
         self.assertEqual(events, ["pause", "resume"])
 
 
-def free_ports(count: int) -> list[int]:
-    """*count* distinct port numbers currently free for both TCP and UDP on 127.0.0.1.
-
-    All probe sockets stay open until every port is chosen, so the same number
-    cannot be handed out twice.
-    """
-    import socket
-
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            t.bind(("127.0.0.1", 0))
-            held.append(t)
-            port = int(t.getsockname()[1])
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            held.append(u)
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            ports.append(port)
-    finally:
-        for sock in held:
-            sock.close()
-    return ports
-
-
 class UdpThroughTunnelTests(unittest.TestCase):
     """UDP through a real server + client pair in this process (plain and TLS pools)."""
 
@@ -509,10 +441,10 @@ class UdpThroughTunnelTests(unittest.TestCase):
     def setUp(self) -> None:
         self.records: list[LogRecord] = []
         self.settings = Settings(report_interval=0.3, service_cooldown=0.3, udp_read_timeout=30.0)
-        self.echo = Echo()
+        self.echo = UdpEcho()
         self.echo_port = reactor.listenUDP(0, self.echo, interface="127.0.0.1", maxPacketSize=65536)
         self.addCleanup(self.echo_port.stopListening)
-        self.user = User()
+        self.user = UdpUser()
         self.user_port = reactor.listenUDP(0, self.user, interface="127.0.0.1", maxPacketSize=65536)
         self.addCleanup(self.user_port.stopListening)
         self.addCleanup(self.settle)
@@ -528,10 +460,10 @@ class UdpThroughTunnelTests(unittest.TestCase):
         for _ in range(150):
             if not busy():
                 return
-            yield task.deferLater(reactor, 0.02, lambda: None)
+            yield sleep(0.02)
         for s in busy():
             s.abortConnection()
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield sleep(0.05)
 
     def start(self, url: str, name: str) -> Any:
         from nodepass.tunnel import make_tunnel_service

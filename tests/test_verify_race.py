@@ -208,6 +208,30 @@ class _Pair:
         """The report interval passes on ``end``: its verify goes out."""
         end.clock.advance(INTERVAL)
 
+    def play(self, *events: str) -> None:
+        """Apply *events* in order, then :meth:`settle`.
+
+        An event is ``"ids"`` (every pool ID still in flight arrives) or
+        ``"<side>-<what>"`` with side ``server``/``client`` and what ``timer``
+        (:meth:`fire_verify`), ``signal`` (:meth:`deliver_signals`) or
+        ``close`` (:meth:`deliver_closes`).
+        """
+        for event in events:
+            if event == "ids":
+                self.deliver_ids()
+                continue
+            side_name, what = event.split("-")
+            side = self.server if side_name == "server" else self.client
+            if what == "timer":
+                self.fire_verify(side)
+            elif what == "signal":
+                self.deliver_signals(side)
+            elif what == "close":
+                self.deliver_closes(side)
+            else:
+                raise ValueError(f"unknown event {event!r}")
+        self.settle()
+
     def settle(self) -> None:
         """Deliver everything, then let every pool wait run out."""
         for _ in range(3):
@@ -236,50 +260,26 @@ class ControlledOrderTests(unittest.TestCase):
         """The failure seen on real sockets: the server's exchange completes, then
         the client's close reaches the server before the client's signal."""
         p = _Pair()
-        p.fire_verify(p.server)
-        p.deliver_signals(p.server)
-        p.deliver_closes(p.server)
-        p.fire_verify(p.client)
-        p.deliver_closes(p.client)
-        p.deliver_signals(p.client)
-        p.settle()
+        p.play("server-timer", "server-signal", "server-close", "client-timer", "client-close", "client-signal")
         self.assertVerified(p)
 
     def test_server_close_overtakes_its_verify(self) -> None:
         p = _Pair()
-        p.fire_verify(p.client)
-        p.deliver_signals(p.client)
-        p.deliver_closes(p.client)
-        p.fire_verify(p.server)
-        p.deliver_closes(p.server)
-        p.deliver_signals(p.server)
-        p.settle()
+        p.play("client-timer", "client-signal", "client-close", "server-timer", "server-close", "server-signal")
         self.assertVerified(p)
 
     def test_both_at_once_on_the_same_connection(self) -> None:
         """Both sides pick their oldest idle connection, the same one, and both
         closes arrive before both signals."""
         p = _Pair()
-        p.fire_verify(p.server)
-        p.fire_verify(p.client)
-        p.deliver_closes(p.server)
-        p.deliver_closes(p.client)
-        p.deliver_signals(p.server)
-        p.deliver_signals(p.client)
-        p.settle()
+        p.play("server-timer", "client-timer", "server-close", "client-close", "server-signal", "client-signal")
         self.assertVerified(p)
 
     def test_both_at_once_after_a_close(self) -> None:
         """The server's close reaches the client before the client's own verify,
         so the client picks another connection; every signal comes last."""
         p = _Pair()
-        p.fire_verify(p.server)
-        p.deliver_closes(p.server)
-        p.fire_verify(p.client)
-        p.deliver_closes(p.client)
-        p.deliver_signals(p.client)
-        p.deliver_signals(p.server)
-        p.settle()
+        p.play("server-timer", "server-close", "client-timer", "client-close", "client-signal", "server-signal")
         self.assertVerified(p)
 
     def test_verify_names_a_connection_whose_id_is_still_in_flight(self) -> None:
@@ -288,14 +288,7 @@ class ControlledOrderTests(unittest.TestCase):
         p = _Pair(count=0)
         p.add_link(deliver_id=False)
         p.add_link(deliver_id=False)
-        p.fire_verify(p.server)
-        p.deliver_signals(p.server)
-        p.deliver_ids()
-        p.deliver_closes(p.server)
-        p.fire_verify(p.client)
-        p.deliver_closes(p.client)
-        p.deliver_signals(p.client)
-        p.settle()
+        p.play("server-timer", "server-signal", "ids", "server-close", "client-timer", "client-close", "client-signal")
         self.assertVerified(p)
 
     def test_every_order(self) -> None:
@@ -312,16 +305,7 @@ class ControlledOrderTests(unittest.TestCase):
                     continue
                 total += 1
                 p = _Pair(swap=swap)
-                for event in order:
-                    side_name, what = event.split("-")
-                    side = p.server if side_name == "server" else p.client
-                    if what == "timer":
-                        p.fire_verify(side)
-                    elif what == "signal":
-                        p.deliver_signals(side)
-                    else:
-                        p.deliver_closes(side)
-                p.settle()
+                p.play(*order)
                 if p.outcome() != (1, [], 1, []):
                     failed.append((order, p.outcome()))
         self.assertEqual(total, 160)

@@ -53,13 +53,12 @@ from typing import Any, Literal
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
-    IAddress,
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
 )
 
-from nodepass.datapath.dial import SourceAddress, family_of
+from nodepass.datapath.dial import SourceAddress
 from nodepass.datapath.proxyproto import AddressLike, build_v1_header
 from nodepass.datapath.ratelimit import Throttle
 from nodepass.datapath.resolve import DNSCache
@@ -265,13 +264,3 @@ class DataPolicy:
         """Cancel the rate limiter's timers (tunnel stopping)."""
         if self.throttle is not None:
             self.throttle.stop()
-
-    def describe_peer(self, addr: IAddress | tuple[str, int] | str) -> str:
-        """``ip:port`` text for an address (``[v6]:port`` for IPv6), for logs and signals."""
-        if isinstance(addr, str):
-            return addr
-        if isinstance(addr, tuple):
-            host, port = addr[0], addr[1]
-        else:
-            host, port = getattr(addr, "host", "?"), getattr(addr, "port", 0)
-        return f"[{host}]:{port}" if family_of(str(host)) == 6 else f"{host}:{port}"

@@ -115,10 +115,6 @@ class DNSCache:
             return None
         return entry.ip
 
-    def remember(self, host: str, ip: str) -> None:
-        """Record *ip* as a known-good answer for *host* (e.g. a start-up resolution)."""
-        self._last_good[host] = ip
-
     def clear(self) -> None:
         """Drop every cached answer (the tunnel restarts); fallbacks are kept."""
         self._entries.clear()

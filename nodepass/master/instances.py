@@ -78,7 +78,6 @@ META_LIMIT = 32768
 COUNTER_SAVE_INTERVAL = 60.0
 """While instances run, the state (with their traffic counters) is saved this often (seconds)."""
 
-STATUSES = ("running", "stopped", "error")
 ACTIONS = ("start", "stop", "restart", "reset")
 COUNTERS = ("tcprx", "tcptx", "udprx", "udptx")
 GAUGES = ("ping", "pool", "tcps", "udps")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from nodepass.master.instances import TEXT_LIMIT as _TEXT_LIMIT
+
 __all__ = ["OPENAPI_VERSION", "API_VERSION", "openapi_document"]
 
 OPENAPI_VERSION = "3.1.1"
@@ -19,7 +21,6 @@ API_VERSION = "v1"
 JSON = "application/json"
 Schema = dict[str, Any]
 
-_TEXT_LIMIT = 256
 
 
 def _ref(name: str) -> Schema:
@@ -152,7 +153,7 @@ _INSTANCE_PATCH: Schema = {
         "alias": {
             "type": "string",
             "maxLength": _TEXT_LIMIT,
-            "description": "New alias (at most 256 bytes); an empty string leaves the alias unchanged.",
+            "description": f"New alias (at most {_TEXT_LIMIT} bytes); an empty string leaves the alias unchanged.",
         },
         "action": {
             "type": "string",
@@ -233,7 +234,7 @@ _INFO_PATCH: Schema = {
     "type": "object",
     "description": "New master alias; a missing or empty alias clears it.",
     "properties": {
-        "alias": {"type": "string", "maxLength": _TEXT_LIMIT, "description": "Master alias (at most 256 bytes)."}
+        "alias": {"type": "string", "maxLength": _TEXT_LIMIT, "description": f"Master alias (at most {_TEXT_LIMIT} bytes)."}
     },
 }
 

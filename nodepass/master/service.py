@@ -40,6 +40,7 @@ from nodepass.master.info import SystemInfo
 from nodepass.master.instances import InstanceManager, TunnelFactory
 from nodepass.master.store import StateStore
 from nodepass.master.tcping import Tcping
+from nodepass.net import join_host_port
 from nodepass.url import MasterURL
 
 __all__ = ["MasterService", "make_master_service"]
@@ -160,9 +161,7 @@ class MasterService(MultiService):
         if creator is not None:
             factory = TLSMemoryBIOFactory(creator, False, site)
         self.port = self.reactor.listenTCP(self.config.port, factory, interface=self._interface())
-        host, port = self.address
-        shown = f"[{host}]" if ":" in host else host
-        self.logger.info("Master started: %s:%d%s", shown, port, self.config.base)
+        self.logger.info("Master started: %s%s", join_host_port(*self.address), self.config.base)
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -184,23 +183,6 @@ class MasterService(MultiService):
         self.logger.info("Master shutdown complete")
 
 
-def make_master_service(
-    config: MasterURL,
-    *,
-    reactor: Any,
-    logger: NodePassLogger,
-    settings: Settings,
-    state_dir: str,
-    tunnel_factory: TunnelFactory | None = None,
-    sysinfo: SystemInfo | None = None,
-) -> MasterService:
-    """Build (without starting) the master for *config*, keeping its state in *state_dir*."""
-    return MasterService(
-        config,
-        reactor=reactor,
-        logger=logger,
-        settings=settings,
-        state_dir=state_dir,
-        tunnel_factory=tunnel_factory,
-        sysinfo=sysinfo,
-    )
+#: Build (without starting) the master for *config*, keeping its state in
+#: *state_dir*; the arguments are those of :class:`MasterService`.
+make_master_service = MasterService

@@ -38,6 +38,8 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nodepass.net import join_host_port
+
 __all__ = ["Tcping", "TcpingBusy", "TcpingResult", "split_target"]
 
 #: The JSON object returned for one probe:
@@ -112,10 +114,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _connect_error_text(address: str, reason: Failure) -> str:
@@ -267,7 +265,7 @@ class _Attempt:
     def failed(self, reason: Failure) -> None:
         if self.finished:
             return
-        text = _connect_error_text(_host_port(self.current or self.host, self.port), reason)
+        text = _connect_error_text(join_host_port(self.current or self.host, self.port), reason)
         if self.first_error is None:
             self.first_error = text
         self.next_address()
@@ -275,7 +273,7 @@ class _Attempt:
     def timed_out(self) -> None:
         if self.finished:
             return
-        address = _host_port(self.current, self.port) if self.current else None
+        address = join_host_port(self.current, self.port) if self.current else None
         if address is None:
             text = f"dial tcp: lookup {self.host}: i/o timeout"
         else:

@@ -23,6 +23,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from nodepass.datapath.policy import DataPolicy
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.stats import TunnelStats
@@ -31,10 +32,13 @@ from nodepass.tunnel.relay import RelayProtocol
 __all__ = ["make_tunnel_service", "TunnelService", "ServerService", "ClientService"]
 
 
-def _make_policy(config: Any, reactor: Any, logger: NodePassLogger, settings: Settings, stats: TunnelStats) -> Any:
-    from nodepass.datapath.policy import DataPolicy
-
-    return DataPolicy.from_config(config, reactor=reactor, logger=logger, settings=settings, stats=stats)
+def startup_text(config: Any, prefix: str, mode: int) -> str:
+    """``<prefix>: <config.startup_line()>``; a ``... restart`` line shows *mode*
+    (the mode in use, when non-zero) in place of the configured one."""
+    line = config.startup_line()
+    if prefix.endswith("restart") and mode:
+        line = re.sub(r"([?&])mode=\d+", rf"\g<1>mode={mode}", line)
+    return f"{prefix}: {line}"
 
 
 class TunnelService(Service):
@@ -62,13 +66,24 @@ class TunnelService(Service):
     def _prepare(self) -> None:
         """Work done once before the first session (TLS set-up, policy)."""
         if self.policy is None:
-            self.policy = _make_policy(self.config, self.reactor, self.logger, self.settings, self.stats)
+            self.policy = DataPolicy.from_config(
+                self.config, reactor=self.reactor, logger=self.logger, settings=self.settings, stats=self.stats
+            )
+
+    def _session_kwargs(self) -> dict[str, Any]:
+        """What every session (either end) is built with."""
+        return {
+            "config": self.config,
+            "reactor": self.reactor,
+            "logger": self.logger,
+            "settings": self.settings,
+            "stats": self.stats,
+            "policy": self.policy,
+            "exchanges": self._exchanges,
+        }
 
     def _startup_line(self, prefix: str) -> str:
-        line = self.config.startup_line()
-        if prefix.endswith("restart") and self.stats.mode:
-            line = re.sub(r"([?&])mode=\d+", rf"\g<1>mode={self.stats.mode}", line)
-        return f"{prefix}: {line}"
+        return startup_text(self.config, prefix, self.stats.mode)
 
     # -- Service -----------------------------------------------------------------------
     def startService(self) -> None:
@@ -96,8 +111,7 @@ class TunnelService(Service):
             return
         self.logger.error("%s error: %s", self.kind, reason or "session ended")
         session.stop()
-        if self.policy is not None and hasattr(self.policy, "reset"):
-            self.policy.reset()
+        self.policy.reset()
         self._cooldown = self.reactor.callLater(self.settings.service_cooldown, self._restart)
 
     def _restart(self) -> None:
@@ -117,7 +131,7 @@ class TunnelService(Service):
         d = session.stop(everything=True) if session is not None else defer.succeed(None)
         for conn in list(self._exchanges):
             conn.abort()
-        if self.policy is not None and hasattr(self.policy, "stop"):
+        if self.policy is not None:
             self.policy.stop()
 
         def done(_: Any) -> None:
@@ -154,17 +168,7 @@ class ServerService(TunnelService):
     def _new_session(self) -> Any:
         from nodepass.tunnel.server import ServerSession
 
-        session = ServerSession(
-            server_tls=self.server_tls,
-            run_mode=self.run_mode,
-            config=self.config,
-            reactor=self.reactor,
-            logger=self.logger,
-            settings=self.settings,
-            stats=self.stats,
-            policy=self.policy,
-            exchanges=self._exchanges,
-        )
+        session = ServerSession(server_tls=self.server_tls, run_mode=self.run_mode, **self._session_kwargs())
 
         def remember_mode(result: str) -> str:
             # The auto-detected mode is kept for later restarts.
@@ -192,9 +196,19 @@ class ClientService(TunnelService):
 
     def startService(self) -> None:
         if self.run_mode in (0, 1):
+            from nodepass.tunnel.single import SingleEndService
+
             self._prepare()
-            single = self._make_single()
-            if single is not None and (self.run_mode == 1 or single.bind()):
+            single = SingleEndService(
+                self.config,
+                reactor=self.reactor,
+                logger=self.logger,
+                settings=self.settings,
+                stats=self.stats,
+                policy=self.policy,
+                announce=False,
+            )
+            if self.run_mode == 1 or single.bind():
                 self.single = single
                 self.run_mode = 1
                 self.stats.mode = 1
@@ -205,33 +219,10 @@ class ClientService(TunnelService):
             self.run_mode = 2
         super().startService()
 
-    def _make_single(self) -> Any | None:
-        try:
-            from nodepass.tunnel.single import make_single_end
-        except ImportError:
-            return None
-        return make_single_end(
-            self.config,
-            reactor=self.reactor,
-            logger=self.logger,
-            settings=self.settings,
-            stats=self.stats,
-            policy=self.policy,
-            announce=False,
-        )
-
     def _new_session(self) -> Any:
         from nodepass.tunnel.client import ClientSession
 
-        return ClientSession(
-            config=self.config,
-            reactor=self.reactor,
-            logger=self.logger,
-            settings=self.settings,
-            stats=self.stats,
-            policy=self.policy,
-            exchanges=self._exchanges,
-        )
+        return ClientSession(**self._session_kwargs())
 
     def stopService(self) -> defer.Deferred[None]:
         if self.single is not None:

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from nodepass.pool.tcp import ClientPool
 from nodepass.tls import client_connection_creator
 from nodepass.tunnel.handshake import HandshakeError, TunnelConfig, client_handshake
-from nodepass.tunnel.server import POOL_TYPE_NAMES, DualEndSession, SessionError, _err_text, _listen_err
+from nodepass.tunnel.server import POOL_TYPE_NAMES, DualEndSession, SessionError, _listen_err
 
 __all__ = ["ClientSession"]
 
@@ -37,16 +37,6 @@ class ClientSession(DualEndSession):
         if self._handshake is not None and not self._handshake.called:
             self._handshake.cancel()
         return super().stop(everything=everything)
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        """Run the start sequence; failures end up in :attr:`ended`."""
-        try:
-            yield self._start()
-        except SessionError as exc:
-            self.fail(str(exc))
-        except Exception as exc:
-            self.fail(f"commonStart: {_err_text(exc)}")
 
     @defer.inlineCallbacks
     def _start(self) -> Any:

@@ -39,6 +39,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
+from nodepass.net import join_host_port
 
 __all__ = [
     "auth_token",
@@ -152,7 +153,7 @@ class HandshakeServerProtocol(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer_ip = getattr(peer, "host", "")
         port = getattr(peer, "port", 0)
-        self.peer = f"[{self.peer_ip}]:{port}" if ":" in self.peer_ip else f"{self.peer_ip}:{port}"
+        self.peer = join_host_port(self.peer_ip, port)
         if self.timeout > 0:
             self._timer = self.reactor.callLater(self.timeout, self._expired)
 

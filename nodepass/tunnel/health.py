@@ -42,10 +42,12 @@ from twisted.internet import defer
 
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
+from nodepass.net import addr_text
 from nodepass.pool.tcp import PoolConnection, PoolError
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.relay import direct_writer
 from nodepass.tunnel.signals import LineSplitter, Signal, SignalError, decode, encode
+from nodepass.tunnel.timers import DelayedCalls
 
 __all__ = ["ControlChannel"]
 
@@ -86,7 +88,7 @@ class ControlChannel:
         self._lines = LineSplitter()
         self._checkpoint = reactor.seconds()
         self._last_read = reactor.seconds()
-        self._calls: list[Any] = []
+        self._calls = DelayedCalls(reactor)
         self._stopped = False
         self._recent_verify: dict[str, str] = {}
         self._write: Callable[[bytes], None] | None = None
@@ -107,10 +109,7 @@ class ControlChannel:
 
     def stop(self) -> None:
         self._stopped = True
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._calls.cancel_all()
         self.conn.abort()
 
     @property
@@ -125,17 +124,13 @@ class ControlChannel:
     def _later(self, delay: float, fn: Callable[[], object]) -> None:
         if self._stopped:
             return
-        self._calls = [c for c in self._calls if c.active()]
-        self._calls.append(self.reactor.callLater(delay, fn))
+        self._calls.later(delay, fn)
 
     def _fail(self, reason: str) -> None:
         if self._stopped:
             return
         self._stopped = True
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._calls.cancel_all()
         self.on_failure(reason)
 
     def _conn_lost(self, reason: str) -> None:
@@ -256,10 +251,7 @@ class ControlChannel:
 
     def _peer_text(self) -> str:
         t = self.conn.transport
-        peer = t.getPeer() if t is not None else None
-        host = getattr(peer, "host", "?")
-        port = getattr(peer, "port", 0)
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return addr_text(t.getPeer() if t is not None else None)
 
     @defer.inlineCallbacks
     def _receive_verify(self, signal: Signal) -> Any:

@@ -122,26 +122,43 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
             tls_write(tls_t, data)
 
         return write_tls
-    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False):
+    if not is_plain_tcp(transport):
         return transport.write  # type: ignore[no-any-return]
     t: Any = transport
 
     def write(data: bytes) -> None:
-        if (
-            t.connected
-            and not t.disconnecting
-            and not t._writeDisconnecting
-            and not t._tempDataLen
-            and t.offset == len(t.dataBuffer)
-        ):
-            sent = t.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                if sent >= len(data):
-                    return
-                data = data[sent:]
-        t.write(data)
+        rest = write_at_once(t, data)
+        if rest is not None:
+            t.write(rest)
 
     return write
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """True for a Twisted TCP transport with no TLS started on it."""
+    return type(transport) in (tcp.Server, tcp.Client) and not getattr(transport, "TLS", False)
+
+
+def write_at_once(t: Any, data: bytes) -> bytes | None:
+    """Hand *data* to the socket of plain TCP transport *t* (see :func:`is_plain_tcp`)
+    now when the transport is open and nothing is queued.
+
+    Returns ``None`` when the socket took everything, else the bytes still to
+    ``write`` (all of *data* when nothing was sent at once).
+    """
+    if (
+        t.connected
+        and not t.disconnecting
+        and not t._writeDisconnecting
+        and not t._tempDataLen
+        and t.offset == len(t.dataBuffer)
+    ):
+        sent = t.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent >= len(data):
+                return None
+            return data[sent:]
+    return data
 
 
 def _reason_text(reason: Failure | None) -> str:

@@ -38,12 +38,15 @@ from twisted.python.failure import Failure
 
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
+from nodepass.net import addr_text as _addr_text
+from nodepass.net import listen_any
 from nodepass.pool.tcp import CONTROL_ID, PoolError, ServerPool
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.handshake import HandshakeServerProtocol, TunnelConfig
 from nodepass.tunnel.health import ControlChannel
 from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.tunnel.signals import Signal
+from nodepass.tunnel.timers import DelayedCalls
 
 __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "listen_tcp"]
 
@@ -58,23 +61,14 @@ class SessionError(Exception):
 
 
 def addr_text(addr: Any) -> str:
-    """``ip:port`` / ``[v6]:port`` of a Twisted address."""
-    host = str(getattr(addr, "host", "?"))
-    port = getattr(addr, "port", 0)
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``ip:port`` / ``[v6]:port`` of a Twisted address (IPv4-mapped shown as IPv4)."""
+    return _addr_text(addr, unmap=True)
 
 
 def listen_tcp(reactor: Any, host: str, port: int, factory: Factory) -> Any:
     """listenTCP on ``host`` ("" = all interfaces, IPv6 dual-stack when possible),
     with a large backlog so bursts of connections are not dropped."""
-    if host:
-        return reactor.listenTCP(port, factory, backlog=BACKLOG, interface=host)
-    try:
-        return reactor.listenTCP(port, factory, backlog=BACKLOG, interface="::")
-    except CannotListenError:
-        return reactor.listenTCP(port, factory, backlog=BACKLOG)
+    return listen_any(lambda interface: reactor.listenTCP(port, factory, backlog=BACKLOG, interface=interface), host)
 
 
 class _UserConnection(RelayProtocol):
@@ -137,10 +131,28 @@ class DualEndSession:
         self._udp_egress: Any = None
         self._ingress_open = False
         self._ingress_waiters: list[defer.Deferred[None]] = []
-        self._calls: list[Any] = []
+        self._calls = DelayedCalls(reactor)
         self.handshake_start = reactor.seconds()
 
-    # -- failure / stop ---------------------------------------------------------------
+    # -- start / failure / stop -------------------------------------------------------
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Run the start sequence; failures end up in :attr:`ended`.
+
+        A :class:`SessionError` ends the session with its message; any other
+        error with ``step_prefix`` and its text.
+        """
+        try:
+            yield self._start()
+        except SessionError as exc:
+            self.fail(str(exc))
+        except Exception as exc:
+            self.fail(f"{self.step_prefix}{_err_text(exc)}")
+
+    def _start(self) -> Any:
+        """The start sequence of one end (a Deferred; raises SessionError on a failed step)."""
+        raise NotImplementedError
+
     def fail(self, reason: str) -> None:
         """End the session with an error (once); the service restarts it."""
         if not self.ended.called:
@@ -152,10 +164,7 @@ class DualEndSession:
         self.stopped = True
         if not self.ended.called:
             self.ended.callback("")
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._calls.cancel_all()
         waiters, self._ingress_waiters = self._ingress_waiters, []
         for d in waiters:
             if not d.called:
@@ -186,8 +195,7 @@ class DualEndSession:
     def _later(self, delay: float, fn: Callable[[], Any]) -> None:
         if self.stopped:
             return
-        self._calls = [c for c in self._calls if c.active()]
-        self._calls.append(self.reactor.callLater(delay, fn))
+        self._calls.later(delay, fn)
 
     def _sleep(self, delay: float) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
@@ -331,31 +339,37 @@ class DualEndSession:
             user.abort()
             return
         try:
+            reason = yield self._ingress_exchange(user, peer)
+        finally:
+            self.policy.release("tcp")
+        if reason is not None:
+            self.logger.info("Exchange complete: %s", reason)
+
+    @defer.inlineCallbacks
+    def _ingress_exchange(self, user: _UserConnection, peer: str) -> Any:
+        """Sniff, take a pool connection, signal and relay an admitted user
+        connection; the relay's end reason, or None when it ended earlier."""
+        try:
             if self.policy.blocking:
                 first = yield user.peek(self.policy.sniff_bytes, self.policy.sniff_timeout, self.reactor)
                 if self.policy.sniff(first, peer) is not None:
                     user.abort()
-                    self.policy.release("tcp")
-                    return
+                    return None
             if user.lost or self.stopped:
-                self.policy.release("tcp")
-                return
+                return None
             try:
                 cid, conn = yield self.pool.incoming_get(self.settings.pool_get_timeout)
             except PoolError as exc:
                 self.logger.warn("commonTCPLoop: request timeout: %s", exc)
                 user.abort()
-                self.policy.release("tcp")
-                return
+                return None
         except Exception as exc:  # never let one connection hurt the others
             self.logger.error("commonTCPLoop: %s", exc)
             user.abort()
-            self.policy.release("tcp")
-            return
+            return None
         if user.lost:
             conn.close()
-            self.policy.release("tcp")
-            return
+            return None
         self.logger.debug("Tunnel connection: get %s <- pool active %d", cid, self.pool.active)
         self._send(Signal("tcp", remote=peer, id=cid))
         self.logger.debug("TCP launch signal: cid %s -> control", cid)
@@ -370,8 +384,7 @@ class DualEndSession:
             read_timeout=self.policy.read_timeout,
         )
         self.exchanges.discard(conn)
-        self.policy.release("tcp")
-        self.logger.info("Exchange complete: %s", reason)
+        return reason
 
     # -- egress ------------------------------------------------------------------------------
     def _launch(self, signal: Signal) -> None:
@@ -400,6 +413,17 @@ class DualEndSession:
         if not self.policy.admit("tcp", signal.remote):
             conn.close()
             return
+        try:
+            reason = yield self._egress_exchange(conn, signal.remote)
+        finally:
+            self.policy.release("tcp")
+        if reason is not None:
+            self.logger.info("Exchange complete: %s", reason)
+
+    @defer.inlineCallbacks
+    def _egress_exchange(self, conn: Any, remote: str) -> Any:
+        """Dial a target for an admitted pool connection, send the PROXY header
+        and relay; the relay's end reason, or None when it ended earlier."""
         self.exchanges.add(conn)
         conn.when_lost().addBoth(lambda _: self.exchanges.discard(conn))
         target: RelayProtocol | None = None
@@ -409,23 +433,20 @@ class DualEndSession:
         except Exception as exc:
             self.logger.error("commonTCPOnce: dialWithRotation failed: %s", _err_text(exc))
             conn.close()
-            self.policy.release("tcp")
-            return
+            return None
         assert target is not None
         self.exchanges.add(target)
         target.when_lost().addBoth(lambda _: self.exchanges.discard(target))
         if conn.lost:
             target.close()
-            self.policy.release("tcp")
-            return
+            return None
         try:
-            header = self.policy.proxy_header(signal.remote, target.transport.getPeer())  # type: ignore[union-attr]
+            header = self.policy.proxy_header(remote, target.transport.getPeer())  # type: ignore[union-attr]
         except ValueError as exc:
             self.logger.error("commonTCPOnce: sendProxyV1Header failed: %s", exc)
             target.close()
             conn.close()
-            self.policy.release("tcp")
-            return
+            return None
         if header:
             target.transport.write(header)  # type: ignore[union-attr]
             self.stats.tcptx += len(header)
@@ -441,8 +462,7 @@ class DualEndSession:
             throttle=self.policy.throttle,
             read_timeout=self.policy.read_timeout,
         )
-        self.policy.release("tcp")
-        self.logger.info("Exchange complete: %s", reason)
+        return reason
 
     @defer.inlineCallbacks
     def _egress_udp(self, signal: Signal) -> Any:
@@ -519,16 +539,6 @@ class ServerSession(DualEndSession):
 
     def _own_fingerprint(self) -> str:
         return self.server_tls.fingerprint if self.server_tls is not None else ""
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        """Run the start sequence; failures end up in :attr:`ended`."""
-        try:
-            yield self._start()
-        except SessionError as exc:
-            self.fail(str(exc))
-        except Exception as exc:
-            self.fail(f"start: {_err_text(exc)}")
 
     @defer.inlineCallbacks
     def _start(self) -> Any:

@@ -34,7 +34,6 @@ dual-end mode should be used instead.
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -47,14 +46,17 @@ from twisted.python.failure import Failure
 from nodepass.datapath.policy import DataPolicy
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
+from nodepass.net import addr_text, listen_any
 from nodepass.stats import TunnelStats
+from nodepass.tunnel import startup_text
 from nodepass.tunnel.relay import RelayProtocol, join
+from nodepass.tunnel.timers import IdleTimer
 from nodepass.tunnel.udp import (
-    PENDING_LIMIT,
-    IdleTimer,
+    PeerSession,
     TargetSocket,
     _GateHandle,
     _port_gate,
+    deliver,
     listen_udp,
     open_target_socket,
     peer_key,
@@ -64,20 +66,8 @@ __all__ = ["SingleEndService", "make_single_end"]
 
 
 def _addr_text(addr: Any) -> str:
-    host = getattr(addr, "host", "?")
-    port = getattr(addr, "port", 0)
-    return peer_key(str(host), int(port))
-
-
-def _listen_tcp(reactor: Any, host: str, port: int, factory: Factory) -> Any:
-    """Listen for TCP on ``host:port``; an empty host means every interface
-    (dual-stack ``::`` first, IPv4 when IPv6 is unavailable)."""
-    if host:
-        return reactor.listenTCP(port, factory, interface=host)
-    try:
-        return reactor.listenTCP(port, factory, interface="::")
-    except (CannotListenError, OSError):
-        return reactor.listenTCP(port, factory, interface="")
+    """A Twisted address as :func:`~nodepass.tunnel.udp.peer_key` shows it."""
+    return addr_text(addr, unmap=True, zone=False)
 
 
 # --------------------------------------------------------------------------
@@ -184,17 +174,13 @@ class _UserFactory(Factory):
 # UDP
 
 
-class _UdpSession:
+class _UdpSession(PeerSession):
     """One UDP peer: a connected socket to a target and a reply idle timer."""
 
     def __init__(self, owner: _UdpForwarder, key: str, addr: tuple[str, int]) -> None:
+        super().__init__(key, addr, owner.sessions)
         self.owner = owner
-        self.key = key
-        self.addr = addr
         self.sock: TargetSocket | None = None
-        self.pending: list[bytes] | None = []
-        self.closed = False
-        self.timer: IdleTimer | None = None
         self.reply_handle: _GateHandle | None = None
 
     def begin(self) -> None:
@@ -233,20 +219,11 @@ class _UdpSession:
             self.reply_handle = sock.gate.handle()
         self.timer = IdleTimer(service.reactor, service.settings.udp_read_timeout, self._idle)
         service.logger.debug("Target connection: %s <-> %s", sock.local, sock.remote)
-        pending, self.pending = self.pending, None
-        for datagram in pending or ():
-            if self.closed or not sock.send(datagram):
-                break
+        self._flush()
 
-    def send(self, datagram: bytes) -> None:
-        if self.closed:
-            return
-        if self.pending is not None:
-            if len(self.pending) < PENDING_LIMIT:
-                self.pending.append(datagram)
-            return
+    def _forward(self, datagram: bytes) -> bool:
         assert self.sock is not None
-        self.sock.send(datagram)
+        return self.sock.send(datagram)
 
     def _reply(self, datagram: bytes) -> None:
         if self.closed:
@@ -265,15 +242,9 @@ class _UdpSession:
         self.close()
 
     def close(self) -> None:
-        if self.closed:
+        if not self._end():
             return
-        self.closed = True
-        self.pending = None
         owner = self.owner
-        if owner.sessions.get(self.key) is self:
-            del owner.sessions[self.key]
-        if self.timer is not None:
-            self.timer.cancel()
         throttle = owner.service.policy.throttle
         if throttle is not None and self.reply_handle is not None:
             throttle.forget(self.reply_handle)
@@ -300,15 +271,7 @@ class _UdpForwarder(DatagramProtocol):
         throttle = service.policy.throttle
         if throttle is not None and self.read_handle is not None:
             throttle.consume(n, self.read_handle)
-        key = peer_key(addr[0], addr[1])
-        session = self.sessions.get(key)
-        if session is None:
-            if not service.policy.admit("udp", key):
-                return
-            session = _UdpSession(self, key, (addr[0], addr[1]))
-            self.sessions[key] = session
-            session.begin()
-        session.send(datagram)
+        deliver(self.sessions, service.policy, datagram, (addr[0], addr[1]), lambda key, peer: _UdpSession(self, key, peer))
 
     def send_to_user(self, datagram: bytes, addr: tuple[str, int], producer: Any) -> bool:
         transport: Any = self.transport
@@ -403,7 +366,8 @@ class SingleEndService(Service):
         host, port = self.config.tunnel.host, int(self.config.tunnel.port)
         try:
             if not self.config.notcp:
-                self._tcp_port = _listen_tcp(self.reactor, host, port, _UserFactory(self))
+                factory = _UserFactory(self)
+                self._tcp_port = listen_any(lambda interface: self.reactor.listenTCP(port, factory, interface=interface), host)
             if not self.config.noudp:
                 forwarder = _UdpForwarder(self)
                 udp_port = listen_udp(self.reactor, host, port, forwarder, self.settings.udp_data_buf_size)
@@ -430,10 +394,7 @@ class SingleEndService(Service):
 
     # -- lifecycle -------------------------------------------------------------
     def _startup_text(self, prefix: str) -> str:
-        line = self.config.startup_line()
-        if prefix != "Client started" and self.stats.mode:
-            line = re.sub(r"([?&])mode=\d+", rf"\g<1>mode={self.stats.mode}", line)
-        return f"{prefix}: {line}"
+        return startup_text(self.config, prefix, self.stats.mode)
 
     def startService(self) -> None:
         """Log ``Client started``, bind the listeners and start the report timer.
@@ -506,28 +467,7 @@ class SingleEndService(Service):
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
 
-def make_single_end(
-    config: Any,
-    *,
-    reactor: Any,
-    logger: NodePassLogger,
-    settings: Settings,
-    stats: TunnelStats | None = None,
-    policy: DataPolicy | None = None,
-    announce: bool = True,
-) -> SingleEndService:
-    """Build the single-end forwarding service for a ``client://`` *config*.
-
-    The returned service exposes ``.stats`` (a :class:`TunnelStats`, mode 1
-    once listening).  See :class:`SingleEndService` for the optional
-    arguments.
-    """
-    return SingleEndService(
-        config,
-        reactor=reactor,
-        logger=logger,
-        settings=settings,
-        stats=stats,
-        policy=policy,
-        announce=announce,
-    )
+#: Build the single-end forwarding service for a ``client://`` *config*; the
+#: arguments are those of :class:`SingleEndService` (``.stats`` is mode 1 once
+#: listening).
+make_single_end = SingleEndService

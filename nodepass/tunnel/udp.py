@@ -41,10 +41,10 @@ and gives it back exactly once with ``policy.release("udp")``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
@@ -53,8 +53,10 @@ from zope.interface import implementer
 
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
+from nodepass.net import join_host_port, listen_any
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol, set_nodelay
+from nodepass.tunnel.relay import RelayProtocol, is_plain_tcp, set_nodelay, write_at_once
+from nodepass.tunnel.timers import IdleTimer
 
 __all__ = [
     "PoolLink",
@@ -68,6 +70,8 @@ __all__ = [
     "listen_udp",
     "PauseGate",
     "IdleTimer",
+    "PeerSession",
+    "deliver",
 ]
 
 #: Datagrams kept per session while its pool connection or target socket is
@@ -85,12 +89,7 @@ def peer_key(host: str, port: int) -> str:
     IPv4-mapped IPv6 addresses are shown as plain IPv4 and IPv6 addresses are
     bracketed, as Go prints a ``UDPAddr``; a zone suffix is dropped.
     """
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    if ":" in host:
-        host = host.split("%", 1)[0]
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return join_host_port(host, port, unmap=True, zone=False)
 
 
 def _is_ipv6(host: str) -> bool:
@@ -105,14 +104,9 @@ def listen_udp(reactor: Any, host: str, port: int, protocol: DatagramProtocol, m
     *max_packet* are truncated on reception (NodePass's buffer size).
     Raises :class:`~twisted.internet.error.CannotListenError`.
     """
-    if host:
-        udp_port = reactor.listenUDP(port, protocol, interface=host, maxPacketSize=max_packet)
-    else:
-        try:
-            udp_port = reactor.listenUDP(port, protocol, interface="::", maxPacketSize=max_packet)
-        except (CannotListenError, OSError):
-            udp_port = reactor.listenUDP(port, protocol, interface="", maxPacketSize=max_packet)
-    return udp_port
+    return listen_any(
+        lambda interface: reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=max_packet), host
+    )
 
 
 def _split(data: bytes, size: int) -> list[bytes]:
@@ -187,39 +181,87 @@ def _port_gate(udp_port: Any) -> PauseGate:
     return PauseGate(pause, resume)
 
 
-class IdleTimer:
-    """Calls *on_idle* once nothing touched it for *timeout* seconds (0 = never).
+class PeerSession:
+    """One user peer (``ip:port``) of a listening UDP socket, kept in *table* under *key*.
 
-    ``touch`` only records the time; the single pending call re-arms itself
-    for the remaining time, so marking activity per datagram is cheap.
+    :func:`deliver` makes it for the peer's first datagram and calls
+    :meth:`begin`, which sets up the way on.  Datagrams wait in ``pending``
+    (at most :data:`PENDING_LIMIT`; later ones are dropped) until the way on
+    is ready and :meth:`_flush` is called; from then on :meth:`send` hands
+    each one straight to :meth:`_forward`.
     """
 
-    def __init__(self, clock: Any, timeout: float, on_idle: Callable[[], None]) -> None:
-        self._clock = clock
-        self._timeout = timeout
-        self._on_idle = on_idle
-        self._last = clock.seconds()
-        self._call: Any = None
-        if timeout > 0:
-            self._call = clock.callLater(timeout, self._check)
+    def __init__(self, key: str, addr: tuple[str, int], table: dict[str, Any]) -> None:
+        self.key = key
+        self.addr = addr
+        self.pending: list[bytes] | None = []
+        self.closed = False
+        self.timer: IdleTimer | None = None
+        self._table = table
 
-    def touch(self) -> None:
-        """Record activity now."""
-        self._last = self._clock.seconds()
+    def begin(self) -> None:
+        """Start setting up the way on (called once, right after creation)."""
+        raise NotImplementedError
 
-    def cancel(self) -> None:
-        """Stop watching."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+    def _forward(self, datagram: bytes) -> bool:
+        """Send one datagram on; False when that failed (the rest of a flush is dropped)."""
+        raise NotImplementedError
 
-    def _check(self) -> None:
-        self._call = None
-        remaining = self._last + self._timeout - self._clock.seconds()
-        if remaining > 0:
-            self._call = self._clock.callLater(remaining, self._check)
-        else:
-            self._on_idle()
+    def _end(self) -> bool:
+        """Mark the session closed: drop the queue, leave the table, stop the idle
+        timer.  False when it was closed already (nothing else to do)."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.pending = None
+        if self._table.get(self.key) is self:
+            del self._table[self.key]
+        if self.timer is not None:
+            self.timer.cancel()
+        return True
+
+    def send(self, datagram: bytes) -> None:
+        """Forward one datagram from the user (queued while the way on is not ready)."""
+        if self.closed:
+            return
+        if self.pending is not None:
+            if len(self.pending) < PENDING_LIMIT:
+                self.pending.append(datagram)
+            return
+        self._forward(datagram)
+
+    def _flush(self) -> None:
+        """The way on is ready: forward the queued datagrams in order."""
+        pending, self.pending = self.pending, None
+        for datagram in pending or ():
+            if self.closed or not self._forward(datagram):
+                break
+
+
+_Session = TypeVar("_Session", bound=PeerSession)
+
+
+def deliver(
+    table: dict[str, _Session],
+    policy: UdpPolicy,
+    datagram: bytes,
+    addr: tuple[str, int],
+    new_session: Callable[[str, tuple[str, int]], _Session],
+) -> None:
+    """Hand *datagram* from user *addr* to its session in *table*.
+
+    The first datagram of a peer takes a UDP slot (``policy.admit``; refused:
+    the datagram is dropped) and begins a new session from *new_session(key, addr)*.
+    """
+    key = peer_key(addr[0], addr[1])
+    session = table.get(key)
+    if session is None:
+        if not policy.admit("udp", key):
+            return
+        session = new_session(key, addr)
+        table[key] = session
+        session.begin()
+    session.send(datagram)
 
 
 # --------------------------------------------------------------------------
@@ -260,7 +302,7 @@ class PoolLink:
     def __init__(self, conn: RelayProtocol) -> None:
         self.conn = conn
         set_nodelay(conn.transport)
-        self._direct = isinstance(conn.transport, tcp.Connection)
+        self._direct = is_plain_tcp(conn.transport)
 
     def bind(self, on_data: Callable[[bytes], None], on_closed: Callable[[str], None]) -> None:
         """Deliver received bytes (first those already buffered) and, once, the end reason."""
@@ -290,12 +332,11 @@ class PoolLink:
         transport: Any = self.conn.transport
         if self.conn.lost or transport is None:
             return
-        if self._direct and _idle_tcp(transport):
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                if sent >= len(data):
-                    return
-                data = data[sent:]
+        if self._direct:
+            rest = write_at_once(transport, data)
+            if rest is None:
+                return
+            data = rest
         transport.write(data)
 
     def close(self) -> None:
@@ -317,21 +358,6 @@ class PoolLink:
                 pass
 
 
-def _idle_tcp(transport: Any) -> bool:
-    """True when a plain TCP transport (no TLS started on it) is open and has no bytes queued."""
-    try:
-        return bool(
-            not getattr(transport, "TLS", False)
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-            and transport._tempDataLen == 0
-            and len(transport.dataBuffer) == transport.offset
-        )
-    except AttributeError:
-        return False
-
-
 def as_link(conn: object) -> PoolLink:
     """Wrap a pool connection (a :class:`RelayProtocol`) as a :class:`PoolLink`."""
     if isinstance(conn, PoolLink):
@@ -339,11 +365,6 @@ def as_link(conn: object) -> PoolLink:
     if isinstance(conn, RelayProtocol):
         return PoolLink(conn)
     raise TypeError(f"{type(conn).__name__} is not a pool connection (RelayProtocol)")
-
-
-def _charge(throttle: Any, nbytes: int, producer: Any, direction: str) -> None:
-    """Charge the rate limiter, using its read/write buckets when it has them."""
-    throttle.consume(nbytes, producer, direction)
 
 
 # --------------------------------------------------------------------------
@@ -390,7 +411,7 @@ class TargetSocket(DatagramProtocol):
         if self._count:
             self._stats.udprx += n
         if self._throttle is not None and self._throttle_handle is not None:
-            _charge(self._throttle, n, self._throttle_handle, "read")
+            self._throttle.consume(n, self._throttle_handle, "read")
         self.on_datagram(datagram)
 
     def connectionRefused(self) -> None:
@@ -403,10 +424,7 @@ class TargetSocket(DatagramProtocol):
         try:
             transport: Any = self.transport
             transport.write(data)
-        except OSError as exc:
-            self.on_error(f"write to target failed: {exc}")
-            return False
-        except Exception as exc:  # MessageLengthError and the like
+        except Exception as exc:  # OSError, MessageLengthError and the like
             self.on_error(f"write to target failed: {exc}")
             return False
         if self._count:
@@ -473,18 +491,14 @@ def open_target_socket(
 # ingress side
 
 
-class _IngressSession:
+class _IngressSession(PeerSession):
     """One user peer on the ingress side: its pool connection and idle timer."""
 
     def __init__(self, owner: UdpIngress, key: str, addr: tuple[str, int]) -> None:
+        super().__init__(key, addr, owner._sessions)
         self.owner = owner
-        self.key = key
-        self.addr = addr
         self.link: PoolLink | None = None
         self.conn_id = ""
-        self.pending: list[bytes] | None = []
-        self.closed = False
-        self.timer: IdleTimer | None = None
         self.write_handle: _GateHandle | None = None
 
     def begin(self) -> None:
@@ -509,9 +523,7 @@ class _IngressSession:
         self.link = link
         self.conn_id = conn_id
         owner._logger.debug("Tunnel connection: get %s for UDP %s", conn_id, self.key)
-        set_size = getattr(link, "set_read_size", None)
-        if callable(set_size):
-            set_size(owner._settings.udp_data_buf_size)
+        link.set_read_size(owner._settings.udp_data_buf_size)
         self.timer = IdleTimer(owner._reactor, owner._settings.udp_read_timeout, self._idle)
         if owner._gate is not None:
             self.write_handle = owner._gate.handle()
@@ -527,22 +539,13 @@ class _IngressSession:
             self.close("signal failed")
             return
         owner._logger.debug("UDP launch signal: cid %s <- %s", conn_id, self.key)
-        pending, self.pending = self.pending, None
-        for datagram in pending or ():
-            if self.closed:
-                break
-            link.write(datagram)
+        self._flush()
 
-    def send(self, datagram: bytes) -> None:
-        """Forward one datagram from the user into the pool connection."""
-        if self.closed:
-            return
-        if self.pending is not None:
-            if len(self.pending) < PENDING_LIMIT:
-                self.pending.append(datagram)
-            return
+    def _forward(self, datagram: bytes) -> bool:
+        """Write one datagram from the user into the pool connection."""
         assert self.link is not None
         self.link.write(datagram)
+        return True
 
     def _from_pool(self, data: bytes) -> None:
         if self.closed:
@@ -555,7 +558,7 @@ class _IngressSession:
                 self.close("write to user failed")
                 return
             if owner._throttle is not None:
-                _charge(owner._throttle, len(datagram), self._reader, "write")
+                owner._throttle.consume(len(datagram), self._reader, "write")
 
     def _idle(self) -> None:
         self.owner._logger.debug("UDP session abort: %s idle", self.key)
@@ -563,16 +566,10 @@ class _IngressSession:
 
     def close(self, reason: str = "closed") -> None:
         """End the session: forget it, give back its slot, close the pool connection."""
-        if self.closed:
+        if not self._end():
             return
-        self.closed = True
-        self.pending = None
         owner = self.owner
-        if owner._sessions.get(self.key) is self:
-            del owner._sessions[self.key]
         owner._policy.release("udp")
-        if self.timer is not None:
-            self.timer.cancel()
         if self.write_handle is not None and owner._gate is not None:
             owner._gate.release(self.write_handle)
         if self.link is not None:
@@ -670,18 +667,8 @@ class UdpIngress:
         n = len(datagram)
         self._stats.udprx += n
         if self._throttle is not None and self._read_handle is not None:
-            _charge(self._throttle, n, self._read_handle, "read")
-        key = peer_key(addr[0], addr[1])
-        session = self._sessions.get(key)
-        if session is None:
-            if not self._policy.admit("udp", key):
-                return
-            session = _IngressSession(self, key, addr)
-            self._sessions[key] = session
-            session.begin()
-            if session.closed:
-                return
-        session.send(datagram)
+            self._throttle.consume(n, self._read_handle, "read")
+        deliver(self._sessions, self._policy, datagram, addr, lambda key, addr: _IngressSession(self, key, addr))
 
     def _send_to_user(self, datagram: bytes, addr: tuple[str, int]) -> bool:
         if self._udp_port is None:
@@ -815,9 +802,7 @@ class _EgressHandler:
         if sock.gate is not None:
             self._write_handle = sock.gate.handle()
             self.link.register_producer(self._write_handle)
-        set_size = getattr(self.link, "set_read_size", None)
-        if callable(set_size):
-            set_size(owner._settings.udp_data_buf_size)
+        self.link.set_read_size(owner._settings.udp_data_buf_size)
         owner._logger.debug("Starting transfer: %s <-> %s", self.session.remote, sock.remote)
         self.link.bind(self._from_pool, self.finish)
 
@@ -831,7 +816,7 @@ class _EgressHandler:
                 self.finish("write to target failed")
                 return
             if owner._throttle is not None:
-                _charge(owner._throttle, len(datagram), self._reader, "write")
+                owner._throttle.consume(len(datagram), self._reader, "write")
 
     def from_target(self, datagram: bytes) -> None:
         if self.finished:
