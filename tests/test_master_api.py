@@ -236,7 +236,7 @@ class MasterAPITests(TestCase):
             ({"alias": "a" * 257}, "Instance alias exceeds maximum length 256"),
             ({"alias": "new", "meta": {"peer": {"sid": "not-a-uuid"}}}, "Meta peer.sid must be a UUID v4"),
             ({"meta": {"peer": {"sid": "550e8400-e29b-11d4-a716-446655440000"}}}, "Meta peer.sid must be a UUID v4"),
-            ({"meta": {"peer": {"type": "9"}}}, 'Meta peer.type must be "0", "1" or "2"'),
+            ({"meta": {"peer": {"type": "t" * 257}}}, "Meta peer.type exceeds maximum length 256"),
             ({"meta": {"peer": {"alias": "p" * 257}}}, "Meta peer.alias exceeds maximum length 256"),
             ({"meta": {"tags": {"k" * 257: "v"}}}, "Meta tag key exceeds maximum length 256"),
             ({"meta": {"tags": {"k": "v" * 257}}}, "Meta tag value exceeds maximum length 256"),

@@ -224,7 +224,7 @@ class DocumentTests(unittest.TestCase):
         self.assertFalse(schema_validator(self.doc, "InstancePatch").is_valid({"action": "jump"}))
         self.assertFalse(schema_validator(self.doc, "InstanceCreate").is_valid({"alias": "x"}))
         self.assertFalse(
-            schema_validator(self.doc, "InstancePatch").is_valid({"meta": {"peer": {"type": "9"}}})
+            schema_validator(self.doc, "InstancePatch").is_valid({"meta": {"peer": {"type": "t" * 257}}})
         )
         self.assertFalse(
             schema_validator(self.doc, "Event").is_valid(

@@ -49,7 +49,7 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from nodepass.env import Settings
 from nodepass.log import Level, LogRecord, NodePassLogger
-from nodepass.master.events import EventHub
+from nodepass.master.events import EventHub, dumps
 from nodepass.url import MasterURL, URLError, parse_tunnel_url
 
 __all__ = [
@@ -74,6 +74,15 @@ URL_LIMIT = 8192
 
 META_LIMIT = 32768
 """Maximum size (bytes of compact JSON) of an instance's meta (keeps SSE events < 64 KiB)."""
+
+URL_BYTES_LIMIT = 24576
+"""Maximum size (bytes, as JSON strings) of the stored ``url`` plus ``config`` together.
+
+Non-ASCII text in a URL is stored percent-encoded (up to 9 bytes per character),
+so the character limit alone does not bound an instance object.  With this
+budget, the meta limit and the 256-character text fields, one instance still
+fits in one SSE event below 64 KiB, the size dashboards' stream readers accept.
+"""
 
 COUNTER_SAVE_INTERVAL = 60.0
 """While instances run, the state (with their traffic counters) is saved this often (seconds)."""
@@ -254,8 +263,9 @@ def validate_patch(body: Mapping[str, Any], duplicate_tags: Iterable[str] = ()) 
     * ``alias``: string ≤ 256 characters (``""`` leaves the alias unchanged);
     * ``action``: one of start, stop, restart, reset;
     * ``restart``: boolean;
-    * ``meta.peer``: ``sid`` "" or a UUID v4, ``type`` "" or "0"/"1"/"2",
-      ``alias`` ≤ 256; fields left out keep their value (so ``{}`` keeps the peer);
+    * ``meta.peer``: ``sid`` "" or a UUID v4 (stored as sent, case kept), ``type``
+      any string ≤ 256 (dashboards use "0".."7"), ``alias`` ≤ 256; fields left out
+      keep their value (so ``{}`` keeps the peer);
     * ``meta.tags``: object of string → string, keys and values ≤ 256, no key
       twice; it replaces the whole tag set (``{}`` clears it).
     """
@@ -291,12 +301,10 @@ def validate_patch(body: Mapping[str, Any], duplicate_tags: Iterable[str] = ()) 
             sid = _check_text(peer["sid"], "Meta peer.sid")
             if sid and not _UUID4.match(sid):
                 raise ApiError(400, "Meta peer.sid must be a UUID v4")
-            checked["sid"] = sid.lower()
+            checked["sid"] = sid  # kept as sent: clients compare it with their own spelling
         if peer.get("type") is not None:
-            kind = _check_text(peer["type"], "Meta peer.type")
-            if kind not in ("", "0", "1", "2"):
-                raise ApiError(400, 'Meta peer.type must be "0", "1" or "2"')
-            checked["type"] = kind
+            # Free text: dashboards use "0".."7" (3/4 = external targets) and more may come.
+            checked["type"] = _check_text(peer["type"], "Meta peer.type")
         if peer.get("alias") is not None:
             checked["alias"] = _check_text(peer["alias"], "Meta peer.alias")
         request.peer = checked
@@ -315,7 +323,8 @@ def validate_patch(body: Mapping[str, Any], duplicate_tags: Iterable[str] = ()) 
             if len(value) > TEXT_LIMIT:
                 raise ApiError(400, f"Meta tag value exceeds maximum length {TEXT_LIMIT}")
             checked_tags[key] = value
-        size = sum(len(k.encode()) + len(v.encode()) + 6 for k, v in checked_tags.items())
+        # measured as it is sent (JSON escapes can make a character take 6 bytes)
+        size = len(dumps(checked_tags).encode("utf-8"))
         if size > META_LIMIT:
             raise ApiError(400, f"Meta tags exceed maximum size {META_LIMIT} bytes")
         request.tags = checked_tags
@@ -326,7 +335,9 @@ def check_instance_url(url: Any, master: MasterURL) -> tuple[str, str, str]:
     """Validate an instance URL from a request; return ``(type, stored url, config)``.
 
     Raises :class:`ApiError` 400 with ``Invalid request body`` (missing/empty),
-    ``Invalid URL scheme`` (not server/client) or ``Invalid URL format: …``.
+    ``Invalid URL scheme`` (not server/client) or ``Invalid URL format: …``
+    (including a URL whose stored and canonical forms together exceed
+    :data:`URL_BYTES_LIMIT` bytes once percent-encoded).
     """
     if not isinstance(url, str) or not url:
         raise ApiError(400, "Invalid request body")
@@ -346,6 +357,13 @@ def check_instance_url(url: Any, master: MasterURL) -> tuple[str, str, str]:
         raise ApiError(400, f"Invalid URL format: {exc}") from None
     except ValueError as exc:
         raise ApiError(400, f"Invalid URL format: {exc}") from None
+    size = len(dumps(stored).encode("utf-8")) + len(dumps(config).encode("utf-8"))
+    if size > URL_BYTES_LIMIT:
+        raise ApiError(
+            400,
+            f"Invalid URL format: too long once encoded ({size} bytes for url and config,"
+            f" at most {URL_BYTES_LIMIT})",
+        )
     return parsed.scheme, stored, config
 
 

@@ -45,7 +45,7 @@ _PEER: Schema = {
     "required": ["sid", "type", "alias"],
     "properties": {
         "sid": {"type": "string", "description": "Service id (UUID v4), or empty."},
-        "type": {"type": "string", "description": 'Service type: "0", "1", "2", or empty.'},
+        "type": {"type": "string", "description": 'Service type (dashboards use "0" to "7"), or empty.'},
         "alias": {"type": "string", "description": "Service alias."},
     },
 }
@@ -135,9 +135,13 @@ _PEER_PATCH: Schema = {
         "sid": {
             "type": "string",
             "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$",
-            "description": "Service id, a UUID v4 (36 characters).",
+            "description": "Service id, a UUID v4 (36 characters, either case; stored as sent).",
         },
-        "type": {"type": "string", "enum": ["0", "1", "2"], "description": "Service type."},
+        "type": {
+            "type": "string",
+            "maxLength": _TEXT_LIMIT,
+            "description": 'Service type, free text; dashboards use "0" to "7".',
+        },
         "alias": {"type": "string", "maxLength": _TEXT_LIMIT, "description": "Service alias."},
     },
 }
