@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import os
 import secrets
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -208,6 +209,7 @@ class ServerTLS:
 
     def _set(self, cert: Any, key: Any, der: bytes) -> None:
         self._context = _server_context(cert, key)
+        self._ssl_context: ssl.SSLContext | None = None
         self._cert = cert
         self._key = key
         self._alpn_contexts: dict[tuple[bytes, ...], SSL.Context] = {}
@@ -266,6 +268,23 @@ class ServerTLS:
         conn.set_accept_state()
         return conn
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate as a standard-library context (the lean pool TLS
+        layer, :mod:`nodepass.relay.tls`), rebuilt after a reload."""
+        self._maybe_reload()
+        if self._ssl_context is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.options |= ssl.OP_NO_TICKET
+            # No session tickets: pool connections are never resumed, and each
+            # ticket costs memory on both ends for as long as the connection lives.
+            ctx.num_tickets = 0
+            crt, key = self.pem()
+            _load_chain_from_memory(ctx, crt, key)
+            ctx.sni_callback = _remember_server_name
+            self._ssl_context = ctx
+        return self._ssl_context
+
     def with_alpn(self, *protocols: bytes) -> IOpenSSLServerConnectionCreator:
         """A connection creator for TLSMemoryBIOFactory that negotiates ``protocols``."""
         return _AlpnServer(self, tuple(protocols))
@@ -281,6 +300,34 @@ class _AlpnServer:
         conn = SSL.Connection(self._tls.context(self._alpn), None)
         conn.set_accept_state()
         return conn
+
+
+def _remember_server_name(sslobj: Any, name: str | None, ctx: ssl.SSLContext) -> None:
+    """Keep the SNI a client sent on its connection (``sni_name``), for logs and tests."""
+    sslobj.sni_name = name
+
+
+def _load_chain_from_memory(ctx: ssl.SSLContext, crt: bytes, key: bytes) -> None:
+    """``load_cert_chain`` from PEM bytes, through an anonymous in-memory file where
+    the system has them (nothing touches the disk), else a private temporary file."""
+    import tempfile
+
+    memfd = getattr(os, "memfd_create", None)
+    if memfd is not None:
+        fd = memfd("nodepass-cert", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, crt + b"\n" + key)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    with tempfile.NamedTemporaryFile() as f:
+        os.chmod(f.name, 0o600)
+        f.write(crt + b"\n" + key)
+        f.flush()
+        ctx.load_cert_chain(f.name)
 
 
 def server_tls(
@@ -359,6 +406,31 @@ class _NoVerifyClient:
 
 
 _CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], Any] = {}
+_SSL_CLIENT_CACHE: dict[tuple[int, str, str], ssl.SSLContext] = {}
+
+
+def client_ssl_context(code: int, server_name: str) -> ssl.SSLContext | None:
+    """The standard-library client context for pool code 1 or 2 (None for 0),
+    with the same rules as :func:`client_connection_creator`: code 1 does not
+    verify and sends no SNI; code 2 verifies the chain (``SSL_CERT_FILE``, else
+    the system's trust store) and ``server_name``."""
+    if code not in (1, 2):
+        return None
+    bundle = os.environ.get("SSL_CERT_FILE", "")
+    key = (code, server_name if code == 2 else "", bundle)
+    ctx = _SSL_CLIENT_CACHE.get(key)
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        if code == 1:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif bundle:
+            ctx.load_verify_locations(cafile=bundle)
+        else:
+            ctx.load_default_certs()
+        _SSL_CLIENT_CACHE[key] = ctx
+    return ctx
 
 
 def client_connection_creator(code: int, server_name: str, alpn: tuple[bytes, ...] = ()) -> Any:
