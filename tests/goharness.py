@@ -3,7 +3,8 @@
 This module holds no test cases. It offers:
 
 * **Locating the Go peer**: ``$NODEPASS_GO_PEER`` if set, else
-  ``../shared/peers/nodepass-go-v1.14.0`` next to the repository root.
+  ``../shared/peers/nodepass-go-v1.14.0`` next to the repository root (or
+  next to the main checkout when this tree is a linked git worktree).
   :func:`skip_unless_go` raises ``SkipTest`` saying what is missing, so tests
   that need the binary skip cleanly on a fresh clone.
 * **Peers with one interface** (:class:`Peer`): a child process running a URL
@@ -796,7 +797,7 @@ class EchoUser(Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 @defer.inlineCallbacks

@@ -19,16 +19,22 @@ import re
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.goharness import (
+    GO_PEER_ENV,
+    CheckPoint,
     EchoUser,
     MasterAPI,
     MasterInstance,
     Peer,
     Traffic,
     TunnelPair,
+    _main_checkout,
     exercise,
+    go_peer_path,
+    go_peer_problem,
     probe,
     record,
     run_master,
@@ -41,7 +47,12 @@ VERIFIED = re.compile(r"TLS certificate fingerprint verified: (sha256:[0-9A-F:]+
 
 def gather(ds: list[defer.Deferred[Any]]) -> defer.Deferred[list[Any]]:
     """All results of *ds*; the first failure is raised as itself (not wrapped in FirstError)."""
-    return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    def unwrap(failure: Failure) -> Failure:
+        sub: Failure = failure.value.subFailure
+        return sub
+
+    return defer.gatherResults(ds, consumeErrors=True).addErrback(unwrap)
 
 
 class InteropCase(TestCase):
@@ -245,3 +256,42 @@ class MasterTests(InteropCase):
         for pair, instance in ((go_pair, go), (our_pair, ours)):
             reported = Traffic(instance["tcprx"], instance["tcptx"], instance["udprx"], instance["udptx"])
             self.assertEqual(reported, pair.ingress.traffic(), pair.logs())
+
+
+class HarnessTests(TestCase):
+    """The harness's own parsing and lookup (no Go binary needed)."""
+
+    def test_checkpoint_parse(self) -> None:
+        line = ("2026-12-01 11:09:49.086  EVENT  CHECK_POINT|MODE=1|PING=47ms|POOL=62|TCPS=3|UDPS=1"
+                "|TCPRX=10|TCPTX=20|UDPRX=30|UDPTX=40")
+        cp = CheckPoint.parse(line)
+        assert cp is not None
+        self.assertEqual((cp.mode, cp.ping, cp.pool, cp.tcps, cp.udps), (1, 47, 62, 3, 1))
+        self.assertEqual(cp.traffic, Traffic(10, 20, 30, 40))
+        self.assertEqual(cp.traffic.mirrored(), Traffic(20, 10, 40, 30))
+        self.assertEqual(cp.traffic + Traffic(1, 1, 1, 1) - Traffic(10, 20, 30, 40), Traffic(1, 1, 1, 1))
+        self.assertIsNone(CheckPoint.parse("2026-12-01 11:09:49.086  INFO  Server started: ..."))
+
+    def test_peer_lookup(self) -> None:
+        directory = new_dir(self)
+        old = os.environ.get(GO_PEER_ENV)
+        self.addCleanup(lambda: os.environ.__setitem__(GO_PEER_ENV, old) if old is not None
+                        else os.environ.pop(GO_PEER_ENV, None))
+        os.environ[GO_PEER_ENV] = os.path.join(directory, "missing")
+        self.assertEqual(go_peer_path(), os.path.join(directory, "missing"))
+        self.assertIn("not found", go_peer_problem() or "")
+        self.assertRaises(SkipTest, skip_unless_go)
+        plain = os.path.join(directory, "plain")
+        with open(plain, "w", encoding="utf-8") as handle:
+            handle.write("not a program")
+        os.environ[GO_PEER_ENV] = plain
+        self.assertIn("not an executable", go_peer_problem() or "")
+
+    def test_main_checkout_of_a_worktree(self) -> None:
+        directory = new_dir(self)
+        with open(os.path.join(directory, ".git"), "w", encoding="utf-8") as handle:
+            handle.write("gitdir: /srv/repo/.git/worktrees/feature\n")
+        self.assertEqual(_main_checkout(directory), "/srv/repo")
+        os.remove(os.path.join(directory, ".git"))
+        os.mkdir(os.path.join(directory, ".git"))
+        self.assertIsNone(_main_checkout(directory))
