@@ -13,9 +13,11 @@ Server side (:func:`server_tls`):
   ``TLS code-1: RAM cert with TLS 1.3`` and code 1 is used.
 
 Client side (:func:`client_connection_creator`): code 1 encrypts without
-verification and sends no SNI; code 2 verifies the chain and the name
-(``sni``) against the platform trust store, or against the PEM bundle named by
-the ``SSL_CERT_FILE`` environment variable when it is set.
+verification and sends no SNI; code 2 verifies the chain against the platform
+trust store, or against the PEM bundle named by the ``SSL_CERT_FILE``
+environment variable when it is set, and the name (``sni``, also sent as SNI)
+against the certificate's subjectAltName; like Go, it refuses a certificate
+that has none.
 
 Fingerprints (:func:`fingerprint`) are ``sha256:`` + the upper-case hex byte
 pairs of SHA-256 over the certificate DER, joined by ``:``.
@@ -405,6 +407,51 @@ class _NoVerifyClient:
         return conn
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingClient:
+    """TLS 1.3 client for code 2: the chain must lead to *trust_root* and the certificate's
+    subjectAltName must match *server_name* (sent as SNI unless it is an IP address);
+    *alpn* lists the application protocols to offer.
+
+    A certificate without any subjectAltName is refused, as Go refuses it.  A
+    refusal fails the TLS handshake (``certificate verify failed``); nothing
+    is logged from inside OpenSSL's callback.
+    """
+
+    def __init__(self, server_name: str, trust_root: Any, alpn: tuple[bytes, ...] = ()) -> None:
+        from service_identity.hazmat import DNS_ID, IPAddress_ID
+        from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+        options = tssl.CertificateOptions(trustRoot=trust_root, raiseMinimumTo=tssl.TLSVersion.TLSv1_3,
+                                          acceptableProtocols=list(alpn) or None)
+        self._ctx = options.getContext()
+        is_ip = isIPAddress(server_name) or isIPv6Address(server_name)
+        self._sni = b"" if is_ip else server_name.encode("idna")
+        self._ids = [IPAddress_ID(server_name) if is_ip else DNS_ID(server_name)]
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int) -> bool:
+        if not ok:
+            return False
+        if depth != 0:
+            return True
+        from service_identity.hazmat import verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+
+        try:
+            verify_service_identity(extract_patterns(cert), self._ids, [])
+        except Exception:  # VerificationError, or CertificateError when there is no subjectAltName
+            return False
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        if self._sni:
+            conn.set_tlsext_host_name(self._sni)
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        conn.set_connect_state()
+        return conn
+
+
 _CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], Any] = {}
 _SSL_CLIENT_CACHE: dict[tuple[int, str, str], ssl.SSLContext] = {}
 
@@ -447,11 +494,6 @@ def client_connection_creator(code: int, server_name: str, alpn: tuple[bytes, ..
     if code == 1:
         creator: Any = _NoVerifyClient(alpn)
     else:
-        creator = tssl.optionsForClientTLS(
-            server_name,
-            trustRoot=_trust_root(),
-            acceptableProtocols=list(alpn) or None,
-            extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_3},
-        )
+        creator = _VerifyingClient(server_name, _trust_root(), alpn)
     _CLIENT_CACHE[key] = creator
     return creator

@@ -17,13 +17,20 @@
 * TLS fingerprint verification (codes 1 and 2), following this matrix so that
   Go peers of v1.14.0 and later both work:
 
-  ====  ======  ==============  ====================================  ============
-  tls   role    sends verify    on a received verify                  gates ingress
-  ====  ======  ==============  ====================================  ============
-  1     both    yes             check, abort on mismatch              yes
-  2     server  yes             check against its own certificate     no
-  2     client  no              ignore an empty ``fp``, else check    no
-  ====  ======  ==============  ====================================  ============
+  ====  ======  ==============  ====================================  ==================
+  tls   role    sends verify    on a received verify                  holds ingress
+  ====  ======  ==============  ====================================  ==================
+  1     both    yes             check, abort on mismatch              until verified
+  2     server  yes             check against its own certificate     until any verify
+  2     client  no              ignore an empty ``fp``, else check    until any verify
+  ====  ======  ==============  ====================================  ==================
+
+  With tls 2 the hold lasts at most two report intervals (peers after v1.14.0
+  send no ``verify`` for tls 2).  It exists because a v1.14.0 peer sends its
+  one ``verify`` on a connection taken from its pool and then closes it: a
+  user paired with that connection before the ``verify`` arrived would get
+  nothing back.  An ignored ``verify`` (empty ``fp``) still drops the named
+  connection from the idle pool, as the peer has closed it.
 
   The sender starts as soon as the control channel is up (NodePass waits
   for its first report tick, which delays the first user byte by seconds; a
@@ -95,6 +102,7 @@ class ControlChannel:
         self._recent_verify: dict[str, str] = {}
         self._write: Callable[[bytes], None] | None = None
         self.verified = False
+        self._released = False
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -107,6 +115,8 @@ class ControlChannel:
         self._later(3 * self.interval, self._idle_check)
         if self.sends_verify:
             self._later(0, self._send_verify)
+        if self.tls_code == 2:
+            self._later(2 * self.interval, self._release_ingress)
         self._tick()
 
     def stop(self) -> None:
@@ -120,8 +130,15 @@ class ControlChannel:
 
     @property
     def gates_ingress(self) -> bool:
-        """Whether the ingress side must wait for a verified fingerprint."""
-        return self.tls_code == 1
+        """Whether the ingress side must wait for ``on_verified`` (see the module docstring)."""
+        return self.tls_code in (1, 2)
+
+    def _release_ingress(self) -> None:
+        """Let the ingress admit users (once): called with tls 2 when the peer's verify arrived or
+        the hold expired, and with tls 1 or 2 when a fingerprint check passed."""
+        if not self._released and not self._stopped:
+            self._released = True
+            self.on_verified()
 
     def _later(self, delay: float, fn: Callable[[], object]) -> None:
         if self._stopped:
@@ -257,6 +274,14 @@ class ControlChannel:
 
     @defer.inlineCallbacks
     def _receive_verify(self, signal: Signal) -> Any:
+        try:
+            yield self._check_verify(signal)
+        finally:
+            if self.tls_code == 2:
+                self._release_ingress()
+
+    @defer.inlineCallbacks
+    def _check_verify(self, signal: Signal) -> Any:
         abort = self.tls_code == 1
         fp = signal.fp
         if not fp:
@@ -265,6 +290,9 @@ class ControlChannel:
                 self._fail("outgoingVerify: no fingerprint in signal")
             else:
                 self.logger.debug("TLS verify signal without fingerprint ignored")
+                if self.pool.has(signal.id):  # the peer closed it after the signal
+                    taken = self.pool.outgoing_get(signal.id, 0.0)
+                    taken.addCallbacks(lambda conn: conn.close(), lambda _: None)
             return
         cid = signal.id
         self.logger.debug("TLS verify signal: cid %s <- %s", cid, self._peer_text())
@@ -315,6 +343,5 @@ class ControlChannel:
             self._fail("outgoingVerify: certificate fingerprint mismatch")
             return
         self.logger.info("TLS certificate fingerprint verified: %s", fp)
-        if not self.verified:
-            self.verified = True
-            self.on_verified()
+        self.verified = True
+        self._release_ingress()
