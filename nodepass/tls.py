@@ -472,10 +472,13 @@ def client_ssl_context(code: int, server_name: str) -> ssl.SSLContext | None:
         if code == 1:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        elif bundle:
-            ctx.load_verify_locations(cafile=bundle)
         else:
-            ctx.load_default_certs()
+            # Only subjectAltName names count, as for a NodePass (Go) client.
+            ctx.hostname_checks_common_name = False
+            if bundle:
+                ctx.load_verify_locations(cafile=bundle)
+            else:
+                ctx.load_default_certs()
         _SSL_CLIENT_CACHE[key] = ctx
     return ctx
 

@@ -17,7 +17,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from nodepass.log import Level, LogRecord
-from nodepass.tls import ServerTLS, client_connection_creator, fingerprint, self_signed_pem, server_tls
+from nodepass.relay.tls import TLSFactory
+from nodepass.tls import (
+    ServerTLS,
+    client_connection_creator,
+    client_ssl_context,
+    fingerprint,
+    self_signed_pem,
+    server_tls,
+)
 from tests.support import make_cert_files, quiet_logger, reactor
 
 
@@ -216,3 +224,23 @@ class Code2ClientVerificationTests(unittest.TestCase):
         cert = self.pair("cn-only", cn="localhost", names=())
         got = yield self.handshake(cert, cert[0])
         self.assertEqual(got, b"")
+
+
+class LeanCode2ClientVerificationTests(Code2ClientVerificationTests):
+    """The same rules on the lean TLS layer that carries TCP pool connections
+    (:mod:`nodepass.relay.tls` with the standard library's contexts)."""
+
+    @defer.inlineCallbacks
+    def handshake(self, cert: tuple[str, str], trusted: str, name: str = "localhost") -> Any:
+        crt, key = cert
+        os.environ["SSL_CERT_FILE"] = trusted
+        server = server_tls(2, crt, key, logger=quiet_logger())
+        assert server is not None
+        port = reactor.listenTCP(0, TLSFactory(server.ssl_context, True, Factory.forProtocol(_Greeter)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Listener()
+        factory = TLSFactory(client_ssl_context(2, name), False, ClientFactory.forProtocol(lambda: client), name)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        got = yield client.done
+        return got

@@ -17,20 +17,22 @@
 * TLS fingerprint verification (codes 1 and 2), following this matrix so that
   Go peers of v1.14.0 and later both work:
 
-  ====  ======  ==============  ====================================  ==================
-  tls   role    sends verify    on a received verify                  holds ingress
-  ====  ======  ==============  ====================================  ==================
-  1     both    yes             check, abort on mismatch              until verified
-  2     server  yes             check against its own certificate     until any verify
-  2     client  no              ignore an empty ``fp``, else check    until any verify
-  ====  ======  ==============  ====================================  ==================
+  ====  ======  ==============  ====================================  ==============
+  tls   role    sends verify    on a received verify                  gates ingress
+  ====  ======  ==============  ====================================  ==============
+  1     both    yes             check, abort on mismatch              yes
+  2     server  yes             check against its own certificate     no
+  2     client  no              ignore an empty ``fp``, else check    no
+  ====  ======  ==============  ====================================  ==============
 
-  With tls 2 the hold lasts at most two report intervals (peers after v1.14.0
-  send no ``verify`` for tls 2).  It exists because a v1.14.0 peer sends its
-  one ``verify`` on a connection taken from its pool and then closes it: a
-  user paired with that connection before the ``verify`` arrived would get
-  nothing back.  An ignored ``verify`` (empty ``fp``) still drops the named
-  connection from the idle pool, as the peer has closed it.
+  With tls 2, until the peer's ``verify`` arrives (at most two report
+  intervals; peers after v1.14.0 send none), the ingress takes idle pool
+  connections newest first (:attr:`ControlChannel.newest_first`).  A v1.14.0
+  peer sends its one ``verify`` on the *oldest* connection of its pool and
+  then closes it; a user paired with that connection before the ``verify``
+  arrived would get nothing back, and holding users until then would delay
+  every session start.  An ignored ``verify`` (empty ``fp``) still drops the
+  named connection from the idle pool, as the peer has closed it.
 
   The sender starts as soon as the control channel is up (NodePass waits
   for its first report tick, which delays the first user byte by seconds; a
@@ -103,6 +105,8 @@ class ControlChannel:
         self._write: Callable[[bytes], None] | None = None
         self.verified = False
         self._released = False
+        #: With tls 2, take idle connections newest first until the peer's verify.
+        self.newest_first = tls_code == 2
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -130,14 +134,17 @@ class ControlChannel:
 
     @property
     def gates_ingress(self) -> bool:
-        """Whether the ingress side must wait for ``on_verified`` (see the module docstring)."""
-        return self.tls_code in (1, 2)
+        """Whether the ingress side must wait for a verified fingerprint."""
+        return self.tls_code == 1
 
     def _release_ingress(self) -> None:
-        """Let the ingress admit users (once): called with tls 2 when the peer's verify arrived or
-        the hold expired, and with tls 1 or 2 when a fingerprint check passed."""
-        if not self._released and not self._stopped:
-            self._released = True
+        """The peer's verify was handled (or, with tls 2, its time is over): with
+        tls 1 open the ingress once, with tls 2 go back to oldest-first."""
+        if self._released or self._stopped:
+            return
+        self._released = True
+        self.newest_first = False
+        if self.tls_code == 1:
             self.on_verified()
 
     def _later(self, delay: float, fn: Callable[[], object]) -> None:
