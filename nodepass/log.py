@@ -219,11 +219,12 @@ class RepeatSummary:
         key = (level, template if any(c.isalnum() for c in fixed) else text)
         now = self.reactor.seconds()
         window = self._windows.get(key)
-        if window is not None and now < window.end:
+        # a window whose summary is due but not yet written (a busy reactor) still counts
+        if window is not None and (now < window.end or window.timer is not None):
             window.count += 1
             window.latest = text
             if window.timer is None:
-                window.timer = self.reactor.callLater(window.end - now, self._close, key)
+                window.timer = self.reactor.callLater(window.end - now, self._close, key, window)
             return False
         if len(self._windows) >= self.MAX_WINDOWS:
             self._drop_expired(now)
@@ -236,11 +237,10 @@ class RepeatSummary:
             if window.timer is None and window.end <= now:
                 del self._windows[key]
 
-    def _close(self, key: tuple[Level, str]) -> None:
-        window = self._windows.pop(key, None)
-        if window is None:
-            return
+    def _close(self, key: tuple[Level, str], window: _Window) -> None:
         window.timer = None
+        if self._windows.get(key) is not window:
+            return
         self._summarise(key[0], window)
         self._windows[key] = _Window(self.reactor.seconds() + self.interval)
 

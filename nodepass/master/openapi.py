@@ -385,6 +385,42 @@ _ID_PARAMETER: Schema = {
     "required": True,
     "description": "Instance id (8 hex characters, or `********` for the API key).",
     "schema": {"type": "string", "pattern": ID_PATTERN},
+    "examples": {
+        "instance": {"summary": "A tunnel instance", "value": "1a2b3c4d"},
+        "apiKey": {"summary": "The API key instance", "value": "********"},
+    },
+}
+
+_BODY_EXAMPLES: dict[str, dict[str, Schema]] = {
+    "InstanceCreate": {
+        "server": {
+            "summary": "A server, its tunnel on port 10101",
+            "value": {"url": "server://:10101/127.0.0.1:8080?tls=1", "alias": "web"},
+        },
+        "client": {
+            "summary": "A client, its users on local port 8080",
+            "value": {"url": "client://server.example:10101/127.0.0.1:8080"},
+        },
+    },
+    "InstancePatch": {
+        "rename": {"summary": "Rename", "value": {"alias": "web"}},
+        "restart": {
+            "summary": "Restart (on `********`: replace the API key)",
+            "value": {"action": "restart"},
+        },
+        "meta": {
+            "summary": "Dashboard metadata",
+            "value": {
+                "restart": False,
+                "meta": {
+                    "peer": {"sid": "550e8400-e29b-41d4-a716-446655440000", "type": "1", "alias": "edge"},
+                    "tags": {"env": "prod"},
+                },
+            },
+        },
+    },
+    "InstancePut": {"url": {"summary": "A new URL", "value": {"url": "server://:10102/127.0.0.1:8080"}}},
+    "InfoPatch": {"alias": {"summary": "Name the master", "value": {"alias": "edge-1"}}},
 }
 
 
@@ -409,7 +445,7 @@ def _operation(
         operation["requestBody"] = {
             "required": True,
             "description": body_description,
-            "content": {JSON: {"schema": _ref(schema_name)}},
+            "content": {JSON: {"schema": _ref(schema_name), "examples": _BODY_EXAMPLES[schema_name]}},
         }
     all_responses = dict(responses)
     if public:
