@@ -654,7 +654,11 @@ _DOCUMENT_TEMPLATE: Schema = {
         "title": "NodePass API",
         "description": (
             "Manage NodePass server and client tunnel instances run by a NodePass master. "
-            "Send the API key in the `X-API-Key` header; the master logs the key when it starts."
+            "Send the API key in the `X-API-Key` header; the master logs the key when it starts. "
+            "`HEAD` is answered wherever `GET` is (same status and headers, no body) and `OPTIONS` "
+            "everywhere (CORS preflight, 200 before the key check); any other method a route does "
+            "not list is a 405 whose `Allow` header names the methods it serves. In request "
+            "bodies `null` is the same as leaving a field out."
         ),
         "version": API_VERSION,
     },
