@@ -210,13 +210,18 @@ class RepeatSummary:
         self.interval = interval
         self._emit = emit
         self._windows: dict[tuple[Level, str], _Window] = {}
+        self._has_words: dict[str, bool] = {}  # template -> whether it has fixed words
 
     def admit(self, level: Level, template: str, text: str) -> bool:
         """Whether to write this line now (``False``: it is counted for a summary)."""
         if text.startswith("CHECK_POINT|"):
             return True
-        fixed = _CONVERSION.sub("", template)
-        key = (level, template if any(c.isalnum() for c in fixed) else text)
+        has_words = self._has_words.get(template)
+        if has_words is None:
+            has_words = any(c.isalnum() for c in _CONVERSION.sub("", template))
+            if len(self._has_words) < self.MAX_WINDOWS:
+                self._has_words[template] = has_words
+        key = (level, template if has_words else text)
         now = self.reactor.seconds()
         window = self._windows.get(key)
         # a window whose summary is due but not yet written (a busy reactor) still counts

@@ -273,22 +273,27 @@ class MasterAPI:
         return root
 
     # ------------------------------------------------------------------ plumbing
-    def _guard(self, request: Any, protected: bool, route: str | None = None) -> bytes | None:
-        """CORS headers, OPTIONS preflight, the key check, then the method check of *route*.
-
-        A returned response ends the request.
-        """
+    def _guard(self, request: Any, protected: bool) -> bytes | None:
+        """CORS headers, OPTIONS preflight and the key check; a response ends the request."""
         _set_cors(request)
         if request.method == b"OPTIONS":
             return _empty(request, 200)
-        if protected:
-            key = self.manager.api_key
-            given = request.getHeader(b"X-API-Key")
-            if key and not given:
-                return _error(request, 401, "Unauthorized: API key required")
-            if key and not hmac.compare_digest(bytes(given), key.encode("utf-8")):
-                return _error(request, 401, "Unauthorized: Invalid API key")
-        return None if route is None else _refuse_method(request, route)
+        if not protected:
+            return None
+        key = self.manager.api_key
+        if not key:
+            return None
+        given = request.getHeader(b"X-API-Key")
+        if not given:
+            return _error(request, 401, "Unauthorized: API key required")
+        if not hmac.compare_digest(bytes(given), key.encode("utf-8")):
+            return _error(request, 401, "Unauthorized: Invalid API key")
+        return None
+
+    def _admit(self, request: Any, protected: bool, route: str) -> bytes | None:
+        """:meth:`_guard`, then the method check of *route*; a response ends the request."""
+        early = self._guard(request, protected)
+        return early if early is not None else _refuse_method(request, route)
 
     def _fail(self, request: Any, failure: Failure) -> bytes:
         if failure.check(ApiError):  # type: ignore[no-untyped-call]
@@ -313,7 +318,7 @@ class MasterAPI:
     @app.route("/instances")
     def instances(self, request: Any) -> Any:
         """GET: every instance (pseudo-instance included); POST: create one (201)."""
-        early = self._guard(request, True, "/instances")
+        early = self._admit(request, True, "/instances")
         if early is not None:
             return early
         try:
@@ -391,7 +396,7 @@ class MasterAPI:
     @app.route("/events")
     def events_stream(self, request: Any) -> Any:
         """The SSE stream (see :mod:`nodepass.master.events`)."""
-        early = self._guard(request, True, "/events")
+        early = self._admit(request, True, "/events")
         if early is not None:
             return early
         request.setHeader(b"Content-Type", b"text/event-stream")
@@ -433,7 +438,7 @@ class MasterAPI:
     @app.route("/info")
     def info_route(self, request: Any) -> Any:
         """GET: master information; POST ``{"alias"}``: set the master alias."""
-        early = self._guard(request, True, "/info")
+        early = self._admit(request, True, "/info")
         if early is not None:
             return early
         try:
@@ -455,7 +460,7 @@ class MasterAPI:
     @app.route("/tcping")
     def tcping_route(self, request: Any) -> Any:
         """Probe ``target`` once: ``{"target","connected","latency","error"}``."""
-        early = self._guard(request, True, "/tcping")
+        early = self._admit(request, True, "/tcping")
         if early is not None:
             return early
         args = request.args.get(b"target") or [b""]  # type: ignore[attr-defined]
@@ -476,7 +481,7 @@ class MasterAPI:
     @app.route("/openapi.json")
     def openapi(self, request: Any) -> Any:
         """The OpenAPI 3.1 document (no key needed)."""
-        early = self._guard(request, False, "/openapi.json")
+        early = self._admit(request, False, "/openapi.json")
         if early is not None:
             return early
         body = json.dumps(openapi_document(self.master.base), indent="\t").encode("utf-8")
@@ -487,7 +492,7 @@ class MasterAPI:
     @app.route("/docs", branch=True)
     def docs(self, request: Any) -> Any:
         """Swagger UI (no key needed), served from packaged assets."""
-        early = self._guard(request, False, "/docs")
+        early = self._admit(request, False, "/docs")
         if early is not None:
             return early
         if self._docs is None:
