@@ -15,8 +15,8 @@ The API key is sent by an auth provider that reads the current key; a hook
 follows rotation (``PATCH /instances/********`` with ``action: restart``
 answers with the new key in ``url``), as a dashboard does.
 
-Bounded for the suite: ``NP_FUZZ_EXAMPLES`` examples per operation and phase
-(default 8), a fixed seed (``NP_FUZZ_SEED``, default 1) so a run is
+Bounded for the suite: ``NODEPASS_FUZZ_EXAMPLES`` examples per operation and phase
+(default 8), a fixed seed (``NODEPASS_FUZZ_SEED``, default 1) so a run is
 reproducible; raise both for a deeper local run.
 """
 
@@ -41,8 +41,8 @@ try:
 except ImportError:  # pragma: no cover - the test extra is not installed
     schemathesis = None
 
-EXAMPLES = int(os.environ.get("NP_FUZZ_EXAMPLES", "8"))
-SEED = int(os.environ.get("NP_FUZZ_SEED", "1"))
+EXAMPLES = int(os.environ.get("NODEPASS_FUZZ_EXAMPLES", "8"))
+SEED = int(os.environ.get("NODEPASS_FUZZ_SEED", "1"))
 
 
 class KeyHolder:
@@ -145,7 +145,7 @@ class SchemathesisTests(TestCase):
         if schemathesis is None:
             raise SkipTest("schemathesis is not installed (pip install '.[test]')")
         reset_fake_tunnels()
-        # tcping probes of generated host names end within a second
+        # tcping probes of generated host names (name lookups included) end within a second
         settings = Settings(report_interval=1.0, reload_interval=3600.0, shutdown_timeout=2.0)
         self.m = start_master(self, settings=settings)
 
