@@ -73,10 +73,16 @@ def makeService(options: Options) -> IService:
 
     config = options["config"]
     settings = Settings.from_environ()
-    logger = NodePassLogger(config.log or "info", stream=None)
+    logger = NodePassLogger(
+        config.log or "info",
+        stream=None,
+        reactor=reactor,  # type: ignore[arg-type]
+        repeat_interval=settings.log_repeat_interval,
+    )
     from twisted.logger import globalLogPublisher
 
     logger.add_twisted_observer(globalLogPublisher)
+    reactor.addSystemEventTrigger("after", "shutdown", logger.flush)
     _announce_level(logger, config.log or "info")
     for warning in settings.warnings:
         logger.warn("%s", warning)
