@@ -88,6 +88,16 @@ def _announce_level(logger: NodePassLogger, level_text: str) -> None:
         logger.log(level, "Init log level: %s", level.name)
 
 
+def repeat_interval(config: Any, settings: Settings) -> float:
+    """How long repeated lines are summarised for the process's own logger: the
+    tunnel's setting for a tunnel; never for a master, whose own lines (an
+    instance created, imported, ...) each say something different (its
+    instances' loggers summarise, with the same setting)."""
+    from nodepass.url import MasterURL
+
+    return 0.0 if isinstance(config, MasterURL) else settings.log_repeat_interval
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the URL given on the command line; return the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -109,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor: Any = _reactor
     settings = Settings.from_environ()
     logger = NodePassLogger(
-        config.log or "info", reactor=reactor, repeat_interval=settings.log_repeat_interval
+        config.log or "info", reactor=reactor, repeat_interval=repeat_interval(config, settings)
     )
     _announce_level(logger, config.log or "info")
     for warning in settings.warnings:

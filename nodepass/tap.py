@@ -66,7 +66,7 @@ def makeService(options: Options) -> IService:
     """Build the service for the parsed options (uses the running twistd reactor)."""
     from twisted.internet import reactor
 
-    from nodepass.cli import _announce_level
+    from nodepass.cli import _announce_level, repeat_interval
     from nodepass.env import Settings
     from nodepass.log import NodePassLogger
     from nodepass.service import build_service, raise_open_file_limit
@@ -77,7 +77,7 @@ def makeService(options: Options) -> IService:
         config.log or "info",
         stream=None,
         reactor=reactor,  # type: ignore[arg-type]
-        repeat_interval=settings.log_repeat_interval,
+        repeat_interval=repeat_interval(config, settings),
     )
     from twisted.logger import globalLogPublisher
 

@@ -236,6 +236,10 @@ class MasterProcessTests(TestCase):
         self.assertEqual(code, 201, manual)
         code, _ = yield api.call("PATCH", f"/instances/{manual['id']}", {"restart": False})
         self.assertEqual(code, 200)
+        # The master's own lines are never summarised: one line per instance created.
+        yield wait_for(lambda: manual["id"] in proc.text)
+        created = [line for line in proc.lines if "Instance created:" in line]
+        self.assertEqual(len(created), 3, created)
         payload = b"nodepass-process-" * 1000
         got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
