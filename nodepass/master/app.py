@@ -11,13 +11,15 @@ path                       methods                  auth
 ``/events``                GET (SSE)                X-API-Key
 ``/info``                  GET, POST                X-API-Key
 ``/tcping?target=h:p``     GET                      X-API-Key
+``/metrics``               GET                      X-API-Key
 ``/openapi.json``          any                      none
 ``/docs``                  any                      none
 =========================  =======================  ==========
 
 Every response carries the CORS headers; ``OPTIONS`` on any route answers
-200 with an empty body before the key is checked.  The key is compared in
-constant time.  Errors are ``{"error": "<message>"}``; JSON bodies end with a
+200 with an empty body before the key is checked.  The key is accepted in
+``X-API-Key`` or as ``Authorization: Bearer <key>`` (``X-API-Key`` wins when
+both are sent) and compared in constant time.  Errors are ``{"error": "<message>"}``; JSON bodies end with a
 newline.  Request bodies are JSON objects; duplicate keys are detected (a
 duplicate tag key is a 400, as is any other duplicate), and top-level field
 names match case-insensitively.
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
+from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -113,6 +116,16 @@ def _read(request: Any) -> bytes:
     content.seek(0)
     data: bytes = content.read(MAX_BODY + 1)
     return data
+
+
+def _bearer(value: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (scheme case-insensitive)."""
+    if not value:
+        return None
+    scheme, _, token = bytes(value).strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip() or None
 
 
 def _set_cors(request: Any) -> None:
@@ -217,6 +230,8 @@ class MasterAPI:
         self.started = started
         self.tls_code = tls_code
         self._docs: IResource | None = None
+        self.metrics: CollectorRegistry | None = None
+        """The registry ``/metrics`` serves (built on first use when not set)."""
 
     # ------------------------------------------------------------------ mounting
     def resource(self) -> IResource:
@@ -243,7 +258,7 @@ class MasterAPI:
         key = self.manager.api_key
         if not key:
             return None
-        given = request.getHeader(b"X-API-Key")
+        given = request.getHeader(b"X-API-Key") or _bearer(request.getHeader(b"Authorization"))
         if not given:
             return _error(request, 401, "Unauthorized: API key required")
         if not hmac.compare_digest(bytes(given), key.encode("utf-8")):
@@ -437,6 +452,23 @@ class MasterAPI:
         d.addCallback(lambda result: _json(request, 200, result))
         d.addErrback(lambda f: self._fail(request, f))
         return d
+
+    # ------------------------------------------------------------------ /metrics
+    @app.route("/metrics")
+    def metrics_route(self, request: Any) -> Any:
+        """Prometheus metrics of the instances and the master (see :mod:`nodepass.master.metrics`)."""
+        early = self._guard(request, True)
+        if early is not None:
+            return early
+        if request.method not in (b"GET", b"HEAD"):
+            return _error(request, 405, "Method not allowed")
+        from nodepass.metrics import render
+
+        if self.metrics is None:
+            from nodepass.master.metrics import master_registry
+
+            self.metrics = master_registry(self.manager, clock=self.clock, started=self.started)
+        return render(request, self.metrics)
 
     # ------------------------------------------------------------------ public
     @app.route("/openapi.json")

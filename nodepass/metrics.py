@@ -1,0 +1,342 @@
+"""Prometheus metrics of tunnels, built on ``prometheus_client``.
+
+:class:`TunnelCollector` is a ``prometheus_client`` collector that reads the
+live numbers of one or more tunnels each time it is scraped (no values are
+copied in between).  Each tunnel is one :class:`TunnelSample`, labelled
+``id``, ``alias`` and ``type`` (``server``/``client``):
+
+=============================  =========  =======================================
+metric                         type       value
+=============================  =========  =======================================
+``nodepass_tcp_rx_bytes_total``  counter  TCP bytes received (the ``tcprx`` counter)
+``nodepass_tcp_tx_bytes_total``  counter  TCP bytes sent (``tcptx``)
+``nodepass_udp_rx_bytes_total``  counter  UDP bytes received (``udprx``)
+``nodepass_udp_tx_bytes_total``  counter  UDP bytes sent (``udptx``)
+``nodepass_tcp_connections``     gauge    active TCP connections (``tcps``)
+``nodepass_udp_sessions``        gauge    active UDP sessions (``udps``)
+``nodepass_pool_connections``    gauge    pool connections (``pool``)
+``nodepass_ping_seconds``        gauge    last control-channel round trip (``ping`` / 1000)
+``nodepass_mode``                gauge    run mode the tunnel chose (``mode``)
+``nodepass_status``              stateset one sample per state (``running``, ``stopped``,
+                                          ``error``), 1 for the current one
+``nodepass_restarts_total``      counter  restarts after an error
+=============================  =========  =======================================
+
+plus ``nodepass_build_info{version}``.  :func:`new_registry` adds the standard
+process and platform collectors (``process_*``, ``python_*``).
+
+:func:`render` answers a scrape (Prometheus text format, or OpenMetrics when
+the ``Accept`` header asks for it) in the reactor thread, so collectors may
+read reactor-owned state safely.  (``prometheus_client.twisted`` is not used:
+it renders in a thread pool of the global reactor.)
+
+A standalone tunnel exposes its metrics when ``NP_METRICS_ADDR`` is set
+(:func:`with_metrics`): ``http://NP_METRICS_ADDR/metrics``, no
+authentication, labels ``id=""`` and ``alias=""`` (the scrape target tells
+tunnels apart).  This module does not import the master.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
+from prometheus_client.registry import Collector
+from twisted.application.service import MultiService, Service
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Site
+
+from nodepass import __version__
+from nodepass.log import Level, LogRecord, NodePassLogger
+from nodepass.net import join_host_port, listen_any
+from nodepass.url import HostPort, parse_host_port
+
+__all__ = [
+    "LABELS",
+    "STATES",
+    "TUNNEL_METRICS",
+    "TunnelSample",
+    "TunnelCollector",
+    "new_registry",
+    "render",
+    "MetricsPage",
+    "MetricsServer",
+    "with_metrics",
+    "parse_metrics_address",
+]
+
+LABELS = ("id", "alias", "type")
+"""Labels of every per-tunnel metric."""
+
+STATES = ("running", "stopped", "error")
+"""States of ``nodepass_status``."""
+
+#: Per-tunnel metrics: exposed name → (type, help).
+TUNNEL_METRICS: dict[str, tuple[str, str]] = {
+    "nodepass_tcp_rx_bytes_total": ("counter", "TCP bytes received (the instance's tcprx counter)."),
+    "nodepass_tcp_tx_bytes_total": ("counter", "TCP bytes sent (the instance's tcptx counter)."),
+    "nodepass_udp_rx_bytes_total": ("counter", "UDP bytes received (the instance's udprx counter)."),
+    "nodepass_udp_tx_bytes_total": ("counter", "UDP bytes sent (the instance's udptx counter)."),
+    "nodepass_tcp_connections": ("gauge", "Active TCP connections."),
+    "nodepass_udp_sessions": ("gauge", "Active UDP sessions."),
+    "nodepass_pool_connections": ("gauge", "Connections in the tunnel pool."),
+    "nodepass_ping_seconds": ("gauge", "Last measured tunnel round trip in seconds."),
+    "nodepass_mode": ("gauge", "Run mode the tunnel chose (server 1 reverse, 2 forward; client 1 single-end, 2 dual-end; 0 unknown)."),
+    "nodepass_status": ("stateset", "Run state of the instance: 1 for the current state."),
+    "nodepass_restarts_total": ("counter", "Restarts of the tunnel after an error."),
+}
+
+_COUNTER_FIELDS = {
+    "nodepass_tcp_rx_bytes_total": "tcprx",
+    "nodepass_tcp_tx_bytes_total": "tcptx",
+    "nodepass_udp_rx_bytes_total": "udprx",
+    "nodepass_udp_tx_bytes_total": "udptx",
+    "nodepass_restarts_total": "restarts",
+}
+_GAUGE_FIELDS = {
+    "nodepass_tcp_connections": "tcps",
+    "nodepass_udp_sessions": "udps",
+    "nodepass_pool_connections": "pool",
+    "nodepass_mode": "mode",
+}
+
+
+@dataclass(frozen=True)
+class TunnelSample:
+    """The numbers of one tunnel at scrape time (``ping`` in milliseconds)."""
+
+    id: str
+    alias: str
+    type: str
+    status: str
+    restarts: int = 0
+    mode: int = 0
+    ping: int = 0
+    pool: int = 0
+    tcps: int = 0
+    udps: int = 0
+    tcprx: int = 0
+    tcptx: int = 0
+    udprx: int = 0
+    udptx: int = 0
+
+    @property
+    def labels(self) -> list[str]:
+        """Label values in :data:`LABELS` order."""
+        return [self.id, self.alias, self.type]
+
+
+class TunnelCollector(Collector):
+    """Collects :data:`TUNNEL_METRICS` from *samples* (called at every scrape).
+
+    *extra* may yield further metric families (e.g. the master's uptime).
+    """
+
+    def __init__(
+        self,
+        samples: Callable[[], Iterable[TunnelSample]],
+        extra: Callable[[], Iterable[Metric]] | None = None,
+    ) -> None:
+        self.samples = samples
+        self.extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per metric of :data:`TUNNEL_METRICS`, plus build info and *extra*."""
+        counters = {
+            name: CounterMetricFamily(name.removesuffix("_total"), TUNNEL_METRICS[name][1], labels=LABELS)
+            for name in _COUNTER_FIELDS
+        }
+        gauges = {name: GaugeMetricFamily(name, TUNNEL_METRICS[name][1], labels=LABELS) for name in _GAUGE_FIELDS}
+        ping = GaugeMetricFamily("nodepass_ping_seconds", TUNNEL_METRICS["nodepass_ping_seconds"][1], labels=LABELS)
+        status = StateSetMetricFamily("nodepass_status", TUNNEL_METRICS["nodepass_status"][1], labels=LABELS)
+        for sample in self.samples():
+            labels = sample.labels
+            for name, field in _COUNTER_FIELDS.items():
+                counters[name].add_metric(labels, getattr(sample, field))
+            for name, field in _GAUGE_FIELDS.items():
+                gauges[name].add_metric(labels, getattr(sample, field))
+            ping.add_metric(labels, sample.ping / 1000.0)
+            status.add_metric(labels, {state: state == sample.status for state in STATES})
+        yield from counters.values()
+        yield from gauges.values()
+        yield ping
+        yield status
+        yield InfoMetricFamily("nodepass_build", "NodePass version.", value={"version": f"v{__version__}"})
+        if self.extra is not None:
+            yield from self.extra()
+
+
+def new_registry(*collectors: Collector) -> CollectorRegistry:
+    """A fresh registry with *collectors* and the process, platform and GC collectors."""
+    registry = CollectorRegistry()
+    for collector in collectors:
+        registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def render(request: Any, registry: CollectorRegistry) -> bytes:
+    """Answer a scrape of *registry* on the Twisted *request* (format chosen by ``Accept``)."""
+    accept = request.getHeader(b"accept")
+    encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+    body: bytes = encoder(registry)
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", content_type.encode("ascii"))
+    return body
+
+
+class MetricsPage(Resource):
+    """``GET`` / ``HEAD``: the metrics of *registry*."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = registry
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - Twisted's naming
+        return render(request, self.registry)
+
+
+class _Root(Resource):
+    """``/metrics`` is the page; every other path is a 404."""
+
+    def __init__(self, page: Resource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.putChild(b"metrics", page)
+
+    def getChild(self, path: bytes, request: Any) -> Resource:  # noqa: N802
+        return NoResource()  # type: ignore[no-untyped-call,no-any-return]
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"NodePass metrics are at /metrics\n"
+
+
+class _QuietSite(Site):
+    def log(self, request: Any) -> None:  # noqa: D102 - no access log
+        pass
+
+
+def parse_metrics_address(text: str) -> HostPort:
+    """``host:port`` / ``[v6]:port`` / ``:port`` (all interfaces); port 0 picks a free one."""
+    return parse_host_port(text, "NP_METRICS_ADDR", allow_port_zero=True)
+
+
+class MetricsServer(Service):
+    """Serves *registry* at ``http://<address>/metrics`` (plain HTTP, no authentication)."""
+
+    name = "metrics"
+
+    def __init__(self, address: HostPort, registry: CollectorRegistry, *, reactor: Any, logger: NodePassLogger) -> None:
+        self.address = address
+        self.registry = registry
+        self.reactor = reactor
+        self.logger = logger
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        """Listen; a failure propagates (the process does not start without its metrics)."""
+        site = _QuietSite(_Root(MetricsPage(self.registry)))  # type: ignore[no-untyped-call]
+        self.port = listen_any(
+            lambda interface: self.reactor.listenTCP(self.address.port, site, interface=interface),
+            self.address.host,
+        )
+        super().startService()  # type: ignore[no-untyped-call]
+        host: Any = self.port.getHost()
+        self.logger.info("Metrics listening: http://%s/metrics", join_host_port(host.host, host.port))
+
+    def stopService(self) -> Any:
+        """Stop listening."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+class _StatusWatch:
+    """A standalone tunnel's status from its log, by the master's rule.
+
+    ``error`` after a ``Server error:`` / ``Client error:`` line, ``running``
+    again at the next ``CHECK_POINT``.
+    """
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __call__(self, record: LogRecord) -> None:
+        if record.level == Level.EVENT and "CHECK_POINT" in record.text:
+            self.failed = False
+        elif record.level == Level.ERROR and ("Server error:" in record.text or "Client error:" in record.text):
+            self.failed = True
+
+
+def tunnel_sample(service: Any, *, id: str = "", alias: str = "", status: str | None = None) -> TunnelSample:
+    """A :class:`TunnelSample` of a tunnel service's live ``stats``."""
+    stats = service.stats
+    if status is None:
+        status = "running" if service.running else "stopped"
+    return TunnelSample(
+        id=id,
+        alias=alias,
+        type=service.config.scheme,
+        status=status,
+        restarts=int(getattr(stats, "restarts", 0)),
+        mode=stats.mode,
+        ping=stats.ping,
+        pool=stats.pool,
+        tcps=stats.tcps,
+        udps=stats.udps,
+        tcprx=stats.tcprx,
+        tcptx=stats.tcptx,
+        udprx=stats.udprx,
+        udptx=stats.udptx,
+    )
+
+
+class _WithMetrics(MultiService):
+    """A tunnel service plus the listener for its metrics (started before it, stopped after it)."""
+
+    def __init__(self, tunnel: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.tunnel = tunnel
+
+    @property
+    def stats(self) -> Any:
+        """The tunnel's live statistics."""
+        return self.tunnel.stats
+
+
+def with_metrics(tunnel: Any, address: str, *, reactor: Any, logger: NodePassLogger) -> MultiService:
+    """Wrap a tunnel service so that its metrics are served at *address* (``host:port``).
+
+    Raises :class:`~nodepass.url.URLError` for an unusable *address*.
+    """
+    where = parse_metrics_address(address)
+    watch = _StatusWatch()
+    logger.add_observer(watch)
+
+    def samples() -> Iterator[TunnelSample]:
+        status = None
+        if tunnel.running:
+            status = "error" if watch.failed else "running"
+        yield tunnel_sample(tunnel, status=status)
+
+    service = _WithMetrics(tunnel)
+    server = MetricsServer(where, new_registry(TunnelCollector(samples)), reactor=reactor, logger=logger)
+    server.setServiceParent(service)  # type: ignore[no-untyped-call]  # listens first: a busy address stops the start
+    tunnel.setServiceParent(service)
+    return service
