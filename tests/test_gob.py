@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from nodepass.master.gob import GobError, GobOpaque, MAX_DEPTH, _Reader, decode, decode_file
+from nodepass.master.gob import MAX_DEPTH, GobError, GobOpaque, _Reader, decode, decode_file
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gob")
 VECTORS = os.path.join(FIXTURES, "vectors")
