@@ -66,9 +66,14 @@ def fingerprint(der: bytes) -> str:
 
 
 def fingerprint_of_x509(cert: Any) -> str:
-    """Fingerprint of a pyOpenSSL X509 (or twisted Certificate) object."""
+    """Fingerprint of a certificate object: pyOpenSSL X509, twisted Certificate,
+    cryptography Certificate, or DER bytes."""
+    if isinstance(cert, bytes):
+        return fingerprint(cert)
     if hasattr(cert, "original"):
         cert = cert.original
+    if isinstance(cert, x509.Certificate):
+        return fingerprint(cert.public_bytes(serialization.Encoding.DER))
     der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
     return fingerprint(der)
 
@@ -201,6 +206,9 @@ class ServerTLS:
 
     def _set(self, cert: Any, key: Any, der: bytes) -> None:
         self._context = _server_context(cert, key)
+        self._cert = cert
+        self._key = key
+        self._alpn_contexts: dict[tuple[bytes, ...], SSL.Context] = {}
         self.der = der
         self.fingerprint = fingerprint(der)
 
@@ -221,13 +229,54 @@ class ServerTLS:
         if self._logger is not None:
             self._logger.debug("TLS cert reloaded: %s", self._crt_file)
 
-    def context(self) -> SSL.Context:
-        """The SSL context for a new server connection (reloading first if due)."""
+    def context(self, alpn: tuple[bytes, ...] = ()) -> SSL.Context:
+        """The SSL context for a new server connection (reloading first if due).
+
+        With ``alpn``, the context selects the first of those protocols that
+        the client offers, and none when it offers none of them (the
+        transport then decides what to do with such a client)."""
         self._maybe_reload()
-        return self._context
+        if not alpn:
+            return self._context
+        ctx = self._alpn_contexts.get(alpn)
+        if ctx is None:
+            ctx = _server_context(self._cert, self._key)
+
+            def select(conn: SSL.Connection, offered: list[bytes]) -> Any:
+                for proto in alpn:
+                    if proto in offered:
+                        return proto
+                return SSL.NO_OVERLAPPING_PROTOCOLS
+
+            ctx.set_alpn_select_callback(select)
+            self._alpn_contexts[alpn] = ctx
+        return ctx
+
+    def pem(self) -> tuple[bytes, bytes]:
+        """(certificate chain PEM, private key PEM) of the certificate served now."""
+        self._maybe_reload()
+        cert, chain = (self._cert, []) if not isinstance(self._cert, tuple) else self._cert
+        crt = b"".join(crypto.dump_certificate(crypto.FILETYPE_PEM, c) for c in [cert, *chain])
+        return crt, crypto.dump_privatekey(crypto.FILETYPE_PEM, self._key)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self.context(), None)
+        conn.set_accept_state()
+        return conn
+
+    def with_alpn(self, *protocols: bytes) -> IOpenSSLServerConnectionCreator:
+        """A connection creator for TLSMemoryBIOFactory that negotiates ``protocols``."""
+        return _AlpnServer(self, tuple(protocols))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _AlpnServer:
+    def __init__(self, tls: ServerTLS, alpn: tuple[bytes, ...]) -> None:
+        self._tls = tls
+        self._alpn = alpn
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._tls.context(self._alpn), None)
         conn.set_accept_state()
         return conn
 
@@ -293,10 +342,12 @@ def _trust_root() -> Any:
 class _NoVerifyClient:
     """TLS 1.3 client without certificate verification and without SNI."""
 
-    def __init__(self) -> None:
+    def __init__(self, alpn: tuple[bytes, ...] = ()) -> None:
         self._ctx = SSL.Context(SSL.TLS_METHOD)
         self._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         self._ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+        if alpn:
+            self._ctx.set_alpn_protos(list(alpn))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
@@ -304,24 +355,28 @@ class _NoVerifyClient:
         return conn
 
 
-_CLIENT_CACHE: dict[tuple[int, str], Any] = {}
+_CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], Any] = {}
 
 
-def client_connection_creator(code: int, server_name: str) -> Any:
-    """The client TLS connection creator for pool code 1 or 2 (None for 0)."""
+def client_connection_creator(code: int, server_name: str, alpn: tuple[bytes, ...] = ()) -> Any:
+    """The client TLS connection creator for pool code 1 or 2 (None for 0).
+
+    Code 1 does not verify and sends no SNI; code 2 verifies the chain and
+    ``server_name``.  ``alpn`` lists the application protocols to offer."""
     if code not in (1, 2):
         return None
-    key = (code, server_name if code == 2 else "", os.environ.get("SSL_CERT_FILE", ""))
-    cached = _CLIENT_CACHE.get(key)  # type: ignore[arg-type]
+    key = (code, server_name if code == 2 else "", os.environ.get("SSL_CERT_FILE", ""), alpn)
+    cached = _CLIENT_CACHE.get(key)
     if cached is not None:
         return cached
     if code == 1:
-        creator: Any = _NoVerifyClient()
+        creator: Any = _NoVerifyClient(alpn)
     else:
         creator = tssl.optionsForClientTLS(
             server_name,
             trustRoot=_trust_root(),
+            acceptableProtocols=list(alpn) or None,
             extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_3},
         )
-    _CLIENT_CACHE[key] = creator  # type: ignore[index]
+    _CLIENT_CACHE[key] = creator
     return creator

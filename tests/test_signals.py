@@ -95,7 +95,7 @@ class FakePool:
     def outgoing_get(self, cid: str, timeout: float) -> object:
         from twisted.internet import defer
 
-        from nodepass.pool.tcp import PoolError
+        from nodepass.pool import PoolError
 
         if cid in self.conns:
             return defer.succeed(self.conns.pop(cid))
@@ -122,9 +122,9 @@ class ControlChannelTests(unittest.TestCase):
         from twisted.internet.testing import StringTransport
 
         from nodepass.env import Settings
+        from nodepass.relay import RelayProtocol
         from nodepass.stats import TunnelStats
         from nodepass.tunnel.health import ControlChannel
-        from nodepass.tunnel.relay import RelayProtocol
 
         self.clock = Clock()
         self.records: list = []

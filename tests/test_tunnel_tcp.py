@@ -16,9 +16,9 @@ from twisted.trial import unittest
 
 from nodepass.env import Settings
 from nodepass.log import Level, LogRecord
+from nodepass.relay import RelayProtocol, join
 from nodepass.tunnel import TunnelService, make_tunnel_service
 from nodepass.tunnel.handshake import TunnelConfig, auth_token, build_request, parse_response
-from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.url import parse_tunnel_url
 from tests import support
 from tests.support import (
@@ -318,17 +318,6 @@ class RestartTests(unittest.TestCase):
         yield t.ready()
         data = yield echo_through(t.user_port, b"x" * 5000)
         self.assertEqual(data, b"x" * 5000)
-
-    @defer.inlineCallbacks
-    def test_unsupported_pool_type(self) -> Any:
-        t = Tunnel(self, flow="-", server_extra="&type=2")
-        t.start_server()
-        yield wait_for(lambda: len([x for x in t.texts("server", Level.ERROR) if "not supported yet" in x]) >= 2,
-                       what="repeated error")
-        errors = [x for x in t.texts("server", Level.ERROR)]
-        self.assertTrue(errors[0].startswith("Server error: "))
-        self.assertIn("pool type 2 (WebSocket) is not supported yet", errors[0])
-        self.assertTrue(t.has("server", "Server restart: server://"))
 
 
 class BadInputTests(unittest.TestCase):

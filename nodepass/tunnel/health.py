@@ -43,9 +43,9 @@ from twisted.internet import defer
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text
-from nodepass.pool.tcp import PoolConnection, PoolError
+from nodepass.pool import PoolConnection, PoolError
+from nodepass.relay import direct_writer
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import direct_writer
 from nodepass.tunnel.signals import LineSplitter, Signal, SignalError, decode, encode
 from nodepass.tunnel.timers import DelayedCalls
 

@@ -40,11 +40,11 @@ from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text as _addr_text
 from nodepass.net import listen_any
-from nodepass.pool.tcp import CONTROL_ID, PoolError, ServerPool
+from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_port, server_pool
+from nodepass.relay import RelayProtocol, join
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.handshake import HandshakeServerProtocol, TunnelConfig
 from nodepass.tunnel.health import ControlChannel
-from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.tunnel.signals import Signal
 from nodepass.tunnel.timers import DelayedCalls
 
@@ -53,7 +53,6 @@ __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "list
 POLL = 0.05
 #: Listen backlog (Go listeners use the system maximum).
 BACKLOG = 4096
-POOL_TYPE_NAMES = {1: "QUIC", 2: "WebSocket", 3: "HTTP/2"}
 
 
 class SessionError(Exception):
@@ -518,7 +517,9 @@ class _TunnelPortFactory(Factory):
             s._handshakes.add(p)
             return p
         if s.phase == "pool" and s.pool is not None:
-            return s.pool.factory().buildProtocol(addr)  # type: ignore[no-any-return]
+            factory = s.pool.factory()
+            if factory is not None:
+                return factory.buildProtocol(addr)  # type: ignore[no-any-return]
         return None
 
 
@@ -543,16 +544,15 @@ class ServerSession(DualEndSession):
     @defer.inlineCallbacks
     def _start(self) -> Any:
         cfg = self.config
-        if cfg.type != 0:
-            raise SessionError(
-                f"start: initTunnelPool failed: pool type {cfg.type} "
-                f"({POOL_TYPE_NAMES.get(cfg.type, 'unknown')}) is not supported yet"
-            )
         try:
             self.tunnel_port = listen_tcp(self.reactor, cfg.tunnel.host, cfg.tunnel.port, _TunnelPortFactory(self))
         except CannotListenError as exc:
             raise SessionError(f"start: initTunnelListener failed: {_err_text(exc.socketError)}") from None
         self._listeners.append(self.tunnel_port)
+        try:
+            probe_server_port(cfg.type, self.reactor, cfg.tunnel.host, self.port)
+        except (CannotListenError, OSError) as exc:
+            raise SessionError(f"start: initTunnelListener failed: {_listen_err(exc)}") from None
 
         if self.run_mode == 1:
             try:
@@ -584,7 +584,8 @@ class ServerSession(DualEndSession):
             return None
         self.phase = "pool"
         config = TunnelConfig(flow=self.flow, max=self.config.max, tls=str(self.tls_code), type=str(self.config.type))
-        self.pool = ServerPool(
+        pool = server_pool(
+            self.config.type,
             self.reactor,
             self.logger,
             max_cap=self.config.max,
@@ -592,7 +593,19 @@ class ServerSession(DualEndSession):
             tls=self.server_tls,
             keepalive=self.settings.report_interval,
             strict=self.flow == "-",
+            host=self.config.tunnel.host,
+            port=self.port,
         )
+        try:
+            pool.start()
+        except Exception as exc:
+            pool.close()
+            self.logger.error("Tunnel pool start failed: %s", _listen_err(exc))
+            self.reactor.callLater(
+                0, self.fail, f"start: initTunnelPool failed: {pool_type_name(self.config.type)}: {_listen_err(exc)}"
+            )
+            return None
+        self.pool = pool
         self.logger.info("Sending tunnel config: %s", config.log_text())
         pending = list(self._handshakes)
         self._handshakes.clear()
