@@ -60,6 +60,7 @@ from twisted.web.server import Site
 from nodepass import __version__
 from nodepass.log import Level, LogRecord, NodePassLogger
 from nodepass.net import join_host_port, listen_any
+from nodepass.stats import TunnelStats
 from nodepass.url import HostPort, parse_host_port
 
 __all__ = [
@@ -114,22 +115,13 @@ _GAUGE_FIELDS = {
 
 @dataclass(frozen=True)
 class TunnelSample:
-    """The numbers of one tunnel at scrape time (``ping`` in milliseconds)."""
+    """One tunnel at scrape time: its labels, its status and its numbers (``ping`` in milliseconds)."""
 
     id: str
     alias: str
     type: str
     status: str
-    restarts: int = 0
-    mode: int = 0
-    ping: int = 0
-    pool: int = 0
-    tcps: int = 0
-    udps: int = 0
-    tcprx: int = 0
-    tcptx: int = 0
-    udprx: int = 0
-    udptx: int = 0
+    stats: TunnelStats
 
     @property
     def labels(self) -> list[str]:
@@ -163,10 +155,10 @@ class TunnelCollector(Collector):
         for sample in self.samples():
             labels = sample.labels
             for name, field in _COUNTER_FIELDS.items():
-                counters[name].add_metric(labels, getattr(sample, field))
+                counters[name].add_metric(labels, getattr(sample.stats, field))
             for name, field in _GAUGE_FIELDS.items():
-                gauges[name].add_metric(labels, getattr(sample, field))
-            ping.add_metric(labels, sample.ping / 1000.0)
+                gauges[name].add_metric(labels, getattr(sample.stats, field))
+            ping.add_metric(labels, sample.stats.ping / 1000.0)
             status.add_metric(labels, {state: state == sample.status for state in STATES})
         yield from counters.values()
         yield from gauges.values()
@@ -284,29 +276,6 @@ class _StatusWatch:
             self.failed = True
 
 
-def tunnel_sample(service: Any, *, id: str = "", alias: str = "", status: str | None = None) -> TunnelSample:
-    """A :class:`TunnelSample` of a tunnel service's live ``stats``."""
-    stats = service.stats
-    if status is None:
-        status = "running" if service.running else "stopped"
-    return TunnelSample(
-        id=id,
-        alias=alias,
-        type=service.config.scheme,
-        status=status,
-        restarts=int(getattr(stats, "restarts", 0)),
-        mode=stats.mode,
-        ping=stats.ping,
-        pool=stats.pool,
-        tcps=stats.tcps,
-        udps=stats.udps,
-        tcprx=stats.tcprx,
-        tcptx=stats.tcptx,
-        udprx=stats.udprx,
-        udptx=stats.udptx,
-    )
-
-
 class _WithMetrics(MultiService):
     """A tunnel service plus the listener for its metrics (started before it, stopped after it)."""
 
@@ -330,10 +299,8 @@ def with_metrics(tunnel: Any, address: str, *, reactor: Any, logger: NodePassLog
     logger.add_observer(watch)
 
     def samples() -> Iterator[TunnelSample]:
-        status = None
-        if tunnel.running:
-            status = "error" if watch.failed else "running"
-        yield tunnel_sample(tunnel, status=status)
+        status = ("error" if watch.failed else "running") if tunnel.running else "stopped"
+        yield TunnelSample("", "", tunnel.config.scheme, status, tunnel.stats)
 
     service = _WithMetrics(tunnel)
     server = MetricsServer(where, new_registry(TunnelCollector(samples)), reactor=reactor, logger=logger)

@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, 
 
 from nodepass.master.instances import InstanceManager
 from nodepass.metrics import TunnelCollector, TunnelSample, new_registry
+from nodepass.stats import TunnelStats
 
 __all__ = ["MASTER_METRICS", "master_registry"]
 
@@ -35,12 +36,7 @@ def instance_samples(manager: InstanceManager) -> Iterator[TunnelSample]:
             continue
         record.refresh()
         data = record.to_json()
-        yield TunnelSample(
-            id=record.id,
-            alias=record.alias,
-            type=record.type,
-            status=record.status,
-            restarts=record.restart_count(),
+        stats = TunnelStats(
             mode=data["mode"],
             ping=data["ping"],
             pool=data["pool"],
@@ -50,7 +46,9 @@ def instance_samples(manager: InstanceManager) -> Iterator[TunnelSample]:
             tcptx=data["tcptx"],
             udprx=data["udprx"],
             udptx=data["udptx"],
+            restarts=record.restart_count(),
         )
+        yield TunnelSample(record.id, record.alias, record.type, record.status, stats)
 
 
 def master_registry(manager: InstanceManager, *, clock: Callable[[], float], started: float) -> CollectorRegistry:

@@ -348,7 +348,7 @@ def _operation(
 
 
 def _metrics_operation() -> Schema:
-    operation = _operation(
+    return _operation(
         "getMetrics",
         "Prometheus metrics of the instances and the master",
         {
@@ -375,8 +375,6 @@ def _metrics_operation() -> Schema:
             "Prometheus can send the key as `Authorization: Bearer <key>`."
         ),
     )
-    operation["security"] = [{"ApiKey": []}, {"BearerKey": []}]
-    return operation
 
 
 def _paths() -> dict[str, Any]:
