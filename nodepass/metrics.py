@@ -5,30 +5,26 @@ live numbers of one or more tunnels each time it is scraped (no values are
 copied in between).  Each tunnel is one :class:`TunnelSample`, labelled
 ``id``, ``alias`` and ``type`` (``server``/``client``):
 
-=============================  =========  =======================================
-metric                         type       value
-=============================  =========  =======================================
-``nodepass_tcp_rx_bytes_total``  counter  TCP bytes received (the ``tcprx`` counter)
-``nodepass_tcp_tx_bytes_total``  counter  TCP bytes sent (``tcptx``)
-``nodepass_udp_rx_bytes_total``  counter  UDP bytes received (``udprx``)
-``nodepass_udp_tx_bytes_total``  counter  UDP bytes sent (``udptx``)
-``nodepass_tcp_connections``     gauge    active TCP connections (``tcps``)
-``nodepass_udp_sessions``        gauge    active UDP sessions (``udps``)
-``nodepass_pool_connections``    gauge    pool connections (``pool``)
-``nodepass_ping_seconds``        gauge    last control-channel round trip (``ping`` / 1000)
-``nodepass_mode``                gauge    run mode the tunnel chose (``mode``)
-``nodepass_status``              stateset one sample per state (``running``, ``stopped``,
-                                          ``error``), 1 for the current one
-``nodepass_restarts_total``      counter  restarts after an error
-=============================  =========  =======================================
+* ``nodepass_tcp_rx_bytes_total``, ``nodepass_tcp_tx_bytes_total``,
+  ``nodepass_udp_rx_bytes_total``, ``nodepass_udp_tx_bytes_total`` (counters):
+  the ``tcprx``, ``tcptx``, ``udprx``, ``udptx`` byte counters;
+* ``nodepass_tcp_connections``, ``nodepass_udp_sessions``,
+  ``nodepass_pool_connections`` (gauges): ``tcps``, ``udps``, ``pool``;
+* ``nodepass_ping_seconds`` (gauge): the last round trip (``ping`` / 1000);
+* ``nodepass_mode`` (gauge): the run mode the tunnel chose;
+* ``nodepass_status`` (state set): one sample per state (``running``,
+  ``stopped``, ``error``), 1 for the current one;
+* ``nodepass_restarts_total`` (counter): restarts after an error;
 
-plus ``nodepass_build_info{version}``.  :func:`new_registry` adds the standard
+plus ``nodepass_build_info{version}``.  :class:`MetricsSource` adds the standard
 process and platform collectors (``process_*``, ``python_*``).
 
 :func:`render` answers a scrape (Prometheus text format, or OpenMetrics when
-the ``Accept`` header asks for it) in the reactor thread, so collectors may
-read reactor-owned state safely.  (``prometheus_client.twisted`` is not used:
-it renders in a thread pool of the global reactor.)
+the ``Accept`` header asks for it): the collectors run in the reactor thread,
+so they may read reactor-owned state safely, and only the formatting of the
+collected values runs in the (injected) reactor's thread pool.
+(``prometheus_client.twisted`` is not used: it collects in a thread of the
+global reactor.)
 
 A standalone tunnel exposes its metrics when ``NP_METRICS_ADDR`` is set
 (:func:`with_metrics`): ``http://NP_METRICS_ADDR/metrics``, no
@@ -38,6 +34,7 @@ tunnels apart).  This module does not import the master.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +50,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from nodepass import __version__
 from nodepass.log import Level, LogRecord, NodePassLogger
@@ -69,7 +69,7 @@ __all__ = [
     "TUNNEL_METRICS",
     "TunnelSample",
     "TunnelCollector",
-    "new_registry",
+    "MetricsSource",
     "render",
     "MetricsPage",
     "MetricsServer",
@@ -168,39 +168,90 @@ class TunnelCollector(Collector):
         if self.extra is not None:
             yield from self.extra()
 
-
-def new_registry(*collectors: Collector) -> CollectorRegistry:
-    """A fresh registry with *collectors* and the process, platform and GC collectors."""
-    registry = CollectorRegistry()
-    for collector in collectors:
-        registry.register(collector)
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    return registry
+    def frozen(self) -> TunnelCollector:
+        """A collector of the values as they are now (read in the caller's thread)."""
+        samples = [
+            TunnelSample(s.id, s.alias, s.type, s.status, copy.copy(s.stats)) for s in self.samples()
+        ]
+        extra = list(self.extra()) if self.extra is not None else []
+        return TunnelCollector(lambda: samples, lambda: extra)
 
 
-def render(request: Any, registry: CollectorRegistry) -> bytes:
-    """Answer a scrape of *registry* on the Twisted *request* (format chosen by ``Accept``)."""
+class MetricsSource:
+    """What a scrape reads: *tunnels* plus the process, platform and GC collectors."""
+
+    def __init__(self, tunnels: TunnelCollector) -> None:
+        self.tunnels = tunnels
+        self.system = CollectorRegistry()
+        ProcessCollector(registry=self.system)
+        PlatformCollector(registry=self.system)
+        GCCollector(registry=self.system)
+
+    def snapshot(self) -> Collector:
+        """The tunnels' values as they are now; the system collectors are read when collected."""
+        return _Parts(self.tunnels.frozen(), self.system)
+
+
+class _Parts(Collector):
+    def __init__(self, *parts: Collector) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        for part in self.parts:
+            yield from part.collect()
+
+
+def render(request: Any, source: MetricsSource, reactor: Any) -> Deferred[bytes]:
+    """Answer a scrape of *source* on the Twisted *request* (format chosen by ``Accept``).
+
+    The tunnels' values are taken at once, in the reactor thread (they live
+    in reactor-owned objects); building the metric families and the text, most
+    of the work for many instances, runs in the thread pool of *reactor* (in
+    this thread when it is ``None``), so tunnels keep moving data meanwhile.
+    Fires with the body.
+    """
     accept = request.getHeader(b"accept")
     encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-    body: bytes = encoder(registry)
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", content_type.encode("ascii"))
-    return body
+    snapshot = source.snapshot()
+    if reactor is None:
+        d: Deferred[bytes] = succeed(encoder(snapshot))
+    else:
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), encoder, snapshot)
+
+    def done(body: bytes) -> bytes:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
+
+    return d.addCallback(done)
 
 
 class MetricsPage(Resource):
-    """``GET`` / ``HEAD``: the metrics of *registry*."""
+    """``GET`` / ``HEAD``: the metrics of *source*."""
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, source: MetricsSource, reactor: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.registry = registry
+        self.source = source
+        self.reactor = reactor
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - Twisted's naming
-        return render(request, self.registry)
+    def render_GET(self, request: Any) -> Any:  # noqa: N802 - Twisted's naming
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def write(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        render(request, self.source, self.reactor).addCallbacks(write, failed)
+        return NOT_DONE_YET
 
 
 class _Root(Resource):
@@ -230,20 +281,20 @@ def parse_metrics_address(text: str) -> HostPort:
 
 
 class MetricsServer(Service):
-    """Serves *registry* at ``http://<address>/metrics`` (plain HTTP, no authentication)."""
+    """Serves *source* at ``http://<address>/metrics`` (plain HTTP, no authentication)."""
 
     name = "metrics"
 
-    def __init__(self, address: HostPort, registry: CollectorRegistry, *, reactor: Any, logger: NodePassLogger) -> None:
+    def __init__(self, address: HostPort, source: MetricsSource, *, reactor: Any, logger: NodePassLogger) -> None:
         self.address = address
-        self.registry = registry
+        self.source = source
         self.reactor = reactor
         self.logger = logger
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         """Listen; a failure propagates (the process does not start without its metrics)."""
-        site = _QuietSite(_Root(MetricsPage(self.registry)))  # type: ignore[no-untyped-call]
+        site = _QuietSite(_Root(MetricsPage(self.source, self.reactor)))  # type: ignore[no-untyped-call]
         self.port = listen_any(
             lambda interface: self.reactor.listenTCP(self.address.port, site, interface=interface),
             self.address.host,
@@ -303,7 +354,7 @@ def with_metrics(tunnel: Any, address: str, *, reactor: Any, logger: NodePassLog
         yield TunnelSample("", "", tunnel.config.scheme, status, tunnel.stats)
 
     service = _WithMetrics(tunnel)
-    server = MetricsServer(where, new_registry(TunnelCollector(samples)), reactor=reactor, logger=logger)
+    server = MetricsServer(where, MetricsSource(TunnelCollector(samples)), reactor=reactor, logger=logger)
     server.setServiceParent(service)  # type: ignore[no-untyped-call]  # listens first: a busy address stops the start
     tunnel.setServiceParent(service)
     return service

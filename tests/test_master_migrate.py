@@ -322,3 +322,25 @@ class LiveGoMasterTests(TestCase):
             {created["id"]: ("from go", created["url"], False, {"made": "now"})},
         )
         yield terminated_cleanly(self, proc)
+
+
+class OptionTests(TestCase):
+    """``twistd nodepass --import-gob`` and ``NP_IMPORT_GOB`` reach the master."""
+
+    def test_twistd_option(self) -> None:
+        from twisted.python import usage
+
+        from nodepass.tap import Options
+
+        options = Options()
+        options.parseOptions(["--master", "master://127.0.0.1:0", "--import-gob", "/srv/go/gob/nodepass.gob"])
+        self.assertEqual(options["import-gob"], "/srv/go/gob/nodepass.gob")
+        with self.assertRaisesRegex(usage.UsageError, "master:// URL only"):
+            Options().parseOptions(["--server", "server://:10101/127.0.0.1:8080", "--import-gob", "x.gob"])
+
+    def test_environment(self) -> None:
+        from nodepass.service import default_import_gob
+
+        self.assertEqual(default_import_gob({"NP_IMPORT_GOB": "/srv/go"}), "/srv/go")
+        self.assertIsNone(default_import_gob({"NP_IMPORT_GOB": ""}))
+        self.assertIsNone(default_import_gob({}))

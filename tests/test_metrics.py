@@ -358,6 +358,19 @@ class StandaloneMetricsTests(TestCase):
         self.assertIn("Start failed", proc.text)
 
 
+class SettingTests(TestCase):
+    def test_metrics_address_values(self) -> None:
+        for value in ("127.0.0.1:9101", ":9101", "[::1]:9101", "localhost:0", " 0.0.0.0:9101 "):
+            settings = Settings.from_environ({"NP_METRICS_ADDR": value})
+            self.assertEqual((settings.metrics_addr, settings.warnings), (value.strip(), ()), value)
+        for value in ("9101", "host:", "[::1]9101", "127.0.0.1:70000", "a b:1"):
+            settings = Settings.from_environ({"NP_METRICS_ADDR": value})
+            self.assertEqual(settings.metrics_addr, "", value)
+            self.assertEqual(len(settings.warnings), 1, value)
+            self.assertIn("NP_METRICS_ADDR", settings.warnings[0])
+        self.assertEqual(Settings.from_environ({}).metrics_addr, "")
+
+
 class ContribTests(TestCase):
     """The scrape example and the dashboard refer only to what nodepass exports."""
 

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -202,7 +201,8 @@ class MasterAPI:
     """The API handlers; one per master.
 
     *clock* gives POSIX seconds (uptime); *started* is when the API started;
-    *tls_code* is the effective TLS code of the API listener (0/1/2).
+    *tls_code* is the effective TLS code of the API listener (0/1/2);
+    *reactor* (optional) lends its thread pool to format ``/metrics``.
     """
 
     app = Klein()
@@ -219,8 +219,10 @@ class MasterAPI:
         clock: Callable[[], float],
         started: float,
         tls_code: int,
+        reactor: Any = None,
     ) -> None:
         self.master = master
+        self.reactor = reactor
         self.manager = manager
         self.events = events
         self.sysinfo = sysinfo
@@ -230,8 +232,8 @@ class MasterAPI:
         self.started = started
         self.tls_code = tls_code
         self._docs: IResource | None = None
-        self.metrics: CollectorRegistry | None = None
-        """The registry ``/metrics`` serves (built on first use when not set)."""
+        self.metrics: Any = None
+        """The :class:`~nodepass.metrics.MetricsSource` ``/metrics`` serves (built on first use when not set)."""
 
     # ------------------------------------------------------------------ mounting
     def resource(self) -> IResource:
@@ -465,10 +467,10 @@ class MasterAPI:
         from nodepass.metrics import render
 
         if self.metrics is None:
-            from nodepass.master.metrics import master_registry
+            from nodepass.master.metrics import master_metrics
 
-            self.metrics = master_registry(self.manager, clock=self.clock, started=self.started)
-        return render(request, self.metrics)
+            self.metrics = master_metrics(self.manager, clock=self.clock, started=self.started)
+        return render(request, self.metrics, self.reactor)
 
     # ------------------------------------------------------------------ public
     @app.route("/openapi.json")

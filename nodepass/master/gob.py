@@ -41,6 +41,7 @@ import datetime
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 __all__ = ["GobError", "GobOpaque", "decode", "decode_file", "MAX_DEPTH", "MAX_FILE_SIZE"]
@@ -173,9 +174,9 @@ def _read_type(r: _Reader) -> _Type:
     def common_and(kind: str, extra: dict[int, Callable[[_Type], None]]) -> Callable[[], None]:
         def read() -> None:
             t = _Type(kind)
-            handlers: dict[int, Callable[[], None]] = {0: lambda: _read_common(r, t)}
+            handlers: dict[int, Callable[[], None]] = {0: partial(_read_common, r, t)}
             for number, reader in extra.items():
-                handlers[number] = (lambda reader=reader: reader(t))  # type: ignore[misc]
+                handlers[number] = partial(reader, t)
             _read_struct(r, handlers, f"{kind} type")
             found.append(t)
 

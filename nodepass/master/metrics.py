@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 from nodepass.master.instances import InstanceManager
-from nodepass.metrics import TunnelCollector, TunnelSample, new_registry
+from nodepass.metrics import MetricsSource, TunnelCollector, TunnelSample
 from nodepass.stats import TunnelStats
 
-__all__ = ["MASTER_METRICS", "master_registry"]
+__all__ = ["MASTER_METRICS", "master_metrics"]
 
 #: Master-level metrics: exposed name → (type, help).
 MASTER_METRICS: dict[str, tuple[str, str]] = {
@@ -51,8 +50,8 @@ def instance_samples(manager: InstanceManager) -> Iterator[TunnelSample]:
         yield TunnelSample(record.id, record.alias, record.type, record.status, stats)
 
 
-def master_registry(manager: InstanceManager, *, clock: Callable[[], float], started: float) -> CollectorRegistry:
-    """A registry with the instances, the master metrics and the process collectors."""
+def master_metrics(manager: InstanceManager, *, clock: Callable[[], float], started: float) -> MetricsSource:
+    """The instances, the master metrics and the process collectors."""
 
     def extra() -> Iterator[Metric]:
         uptime = GaugeMetricFamily(
@@ -67,4 +66,4 @@ def master_registry(manager: InstanceManager, *, clock: Callable[[], float], sta
             value={"mid": manager.master_id, "alias": manager.pseudo.alias},
         )
 
-    return new_registry(TunnelCollector(lambda: instance_samples(manager), extra))
+    return MetricsSource(TunnelCollector(lambda: instance_samples(manager), extra))

@@ -42,7 +42,7 @@ from nodepass.master.app import MasterAPI
 from nodepass.master.events import EventHub
 from nodepass.master.info import SystemInfo
 from nodepass.master.instances import InstanceManager, TunnelFactory
-from nodepass.master.metrics import master_registry
+from nodepass.master.metrics import master_metrics
 from nodepass.master.migrate import find_go_state, import_go_state, resolve_go_state
 from nodepass.master.store import StateStore
 from nodepass.master.tcping import Tcping
@@ -185,8 +185,9 @@ class MasterService(MultiService):
             clock=self.clock,
             started=started,
             tls_code=self.tls_code,
+            reactor=self.reactor,
         )
-        self.api.metrics = master_registry(self.manager, clock=self.clock, started=started)
+        self.api.metrics = master_metrics(self.manager, clock=self.clock, started=started)
         if self.settings.metrics_addr:
             self._metrics_server = MetricsServer(
                 parse_metrics_address(self.settings.metrics_addr),
