@@ -266,23 +266,29 @@ class LoadTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_200_concurrent_1mib(self) -> Any:
-        settings = Settings(report_interval=1.0, service_cooldown=0.5, pool_get_timeout=10.0)
+        # The payloads and their digests are made before the tunnel starts and
+        # checked after it stopped: hashing 200 MiB blocks the reactor for
+        # seconds on a loaded machine, longer than the control channel's
+        # 3-interval read timeout.
+        n, size = 200, 1 << 20
+        payloads = [os.urandom(size) for _ in range(n)]
+        digests = [hashlib.sha256(p).digest() for p in payloads]
+        settings = Settings(report_interval=2.0, service_cooldown=0.5, pool_get_timeout=20.0)
         t = Tunnel(self, flow="-", settings=settings)
         t.client_url = t.client_url.replace("min=8", "min=256")
         yield t.start()
-        n, size = 200, 1 << 20
-        payloads = [os.urandom(size) for _ in range(n)]
         protos = [Collector(p, size) for p in payloads]
         yield defer.gatherResults([connect(t.user_port, p) for p in protos])
         results = yield defer.gatherResults([p.done for p in protos])
         yield defer.gatherResults([p.closed for p in protos])
-        for payload, got in zip(payloads, results, strict=True):
-            self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(payload).digest())
         total = n * size
         yield wait_for(lambda: t.server.stats.tcptx == total and t.client.stats.tcptx == total, 30, "counters")
         self.assertEqual(t.server.stats.tcprx, total)
         self.assertEqual(t.client.stats.tcprx, total)
         self.assertFalse(t.has("server", "Server error"))
+        yield t.server.stopService()
+        yield t.client.stopService()
+        self.assertEqual([hashlib.sha256(got).digest() for got in results], digests)
         self.assertFalse(t.has("client", "Client error"))
 
 

@@ -57,14 +57,17 @@ class _DialFactory(ClientFactory):
 
     noisy = False  # one factory per member: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None]) -> None:
+    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
         self.conn = conn
         self.failed = failed
+        self.done = done
 
     def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+        self.done()
         return self.conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.done()
         self.failed(reason)
 
 
@@ -94,12 +97,14 @@ class TcpClientPool(ClientPoolBase):
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
         connectors: list[Any] = []
 
-        def dial_failed(reason: Failure) -> None:
+        def done() -> None:
             for connector in connectors:
                 self._connectors.discard(connector)
+
+        def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        factory: Any = _DialFactory(conn, dial_failed)
+        factory: Any = _DialFactory(conn, dial_failed, done)
         if self.tls_creator is not None:
             factory = TLSMemoryBIOFactory(self.tls_creator, True, factory)
         if self._connect is not None:
@@ -108,7 +113,6 @@ class TcpClientPool(ClientPoolBase):
         connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
         connectors.append(connector)
         self._connectors.add(connector)
-        conn.when_lost().addBoth(lambda _: self._connectors.discard(connector))
 
     def _close_transport(self) -> None:
         for connector in list(self._connectors):

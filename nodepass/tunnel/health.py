@@ -25,8 +25,10 @@
   2     client  no              ignore an empty ``fp``, else check    no
   ====  ======  ==============  ====================================  ============
 
-  The sender waits one report interval, takes an idle pool connection the
-  ingress way, sends ``verify`` with its ID and the fingerprint (server: its
+  The sender starts as soon as the control channel is up (NodePass waits
+  for its first report tick, which delays the first user byte by seconds; a
+  NodePass peer accepts ``verify`` at any time), takes an idle pool
+  connection the ingress way, sends ``verify`` with its ID and the fingerprint (server: its
   own certificate; client: the certificate seen on that connection) and
   closes it.  The receiver takes the named connection (or reuses the one it
   just used for its own ``verify`` when the peer picked the same ID) and
@@ -104,7 +106,7 @@ class ControlChannel:
         self.conn.set_sink(self._data)
         self._later(3 * self.interval, self._idle_check)
         if self.sends_verify:
-            self._later(self.interval, self._send_verify)
+            self._later(0, self._send_verify)
         self._tick()
 
     def stop(self) -> None:
