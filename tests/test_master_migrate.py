@@ -1,8 +1,9 @@
 """Taking over a Go master's state file: in-process masters and real ``nodepass`` processes.
 
 The state files are the ones the Go NodePass v1.14.0 master wrote
-(``tests/fixtures/gob``).  When the Go binary is beside the repository
-(``../shared/peers``), one more test makes a fresh file with it and imports that.
+(``tests/fixtures/gob``).  When the Go binary is there (see
+:func:`tests.goharness.go_peer_path`), one more test makes a fresh file with
+it and imports that.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
 from nodepass.master.migrate import GoStateNotFound
+from tests.goharness import skip_unless_go
 from tests.support import free_port, new_dir
 from tests.test_master_support import FakeTunnel, MasterFixture, reset_fake_tunnels, start_master
 from tests.test_process import MasterClient, plugin_installed, spawn, state_instances, terminated_cleanly
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "gob")
-GO_BINARY = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "peers", "nodepass-go-v1.14.0")
 
 
 def expected(name: str = "go-master") -> dict[str, Any]:
@@ -271,11 +272,10 @@ class LiveGoMasterTests(TestCase):
 
     @inlineCallbacks
     def test_fresh_file_from_the_go_binary(self) -> Any:
-        if not os.path.exists(GO_BINARY):
-            raise SkipTest(f"the Go NodePass binary is not at {GO_BINARY}")
+        binary = skip_unless_go()
         go_dir = new_dir(self)
         exe = os.path.join(go_dir, "nodepass")
-        shutil.copy2(GO_BINARY, exe)
+        shutil.copy2(binary, exe)
         port = free_port()
         go = subprocess.Popen(
             [exe, f"master://127.0.0.1:{port}/api?log=info"], cwd=go_dir,
