@@ -45,6 +45,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
     "/events": {"get": {"200", "401", "405"}},
     "/info": {"get": {"200", "401", "405"}, "post": {"200", "400", "401", "405"}},
     "/tcping": {"get": {"200", "400", "401", "405", "429"}},
+    "/metrics": {"get": {"200", "401", "405"}},
     "/openapi.json": {"get": {"200"}},
     "/docs": {"get": {"200"}},
 }
@@ -123,7 +124,16 @@ class DocumentTests(unittest.TestCase):
                 "description": self.doc["components"]["securitySchemes"]["ApiKey"]["description"],
             },
         )
-        self.assertEqual(self.doc["security"], [{"ApiKey": []}])
+        self.assertEqual(
+            self.doc["components"]["securitySchemes"]["BearerKey"],
+            {
+                "type": "http",
+                "scheme": "bearer",
+                "description": self.doc["components"]["securitySchemes"]["BearerKey"]["description"],
+            },
+        )
+        # either scheme: the key in X-API-Key, or as Authorization: Bearer <key>
+        self.assertEqual(self.doc["security"], [{"ApiKey": []}, {"BearerKey": []}])
         for path, methods in self.doc["paths"].items():
             for method in METHODS:
                 if method in methods:

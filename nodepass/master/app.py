@@ -11,6 +11,7 @@ path                       methods                  auth
 ``/events``                GET (SSE)                X-API-Key
 ``/info``                  GET, POST                X-API-Key
 ``/tcping?target=h:p``     GET                      X-API-Key
+``/metrics``               GET                      X-API-Key
 ``/openapi.json``          GET                      none
 ``/docs`` and its files    GET                      none
 =========================  =======================  ==========
@@ -21,11 +22,13 @@ wherever ``GET`` is, with the same status and headers and no body (``HEAD``
 on ``/events`` does not subscribe).  Any other method a route does not serve
 is a JSON 405 with an ``Allow`` header naming the methods it does serve
 (after the key check on protected routes, and after the id lookup on
-``/instances/{id}``, as NodePass orders them).  The key is compared in
-constant time.  Errors, 404 and 500 included, are ``{"error": "<message>"}``;
-JSON bodies end with a newline.  Request bodies are JSON objects; duplicate
-keys are detected (a duplicate tag key is a 400, as is any other duplicate),
-and top-level field names match case-insensitively.
+``/instances/{id}``, as NodePass orders them).  The key is accepted in
+``X-API-Key`` or as ``Authorization: Bearer <key>`` (``X-API-Key`` wins when
+both are sent) and compared in constant time.  Errors, 404 and 500 included,
+are ``{"error": "<message>"}``; JSON bodies end with a newline.  Request
+bodies are JSON objects; duplicate keys are detected (a duplicate tag key is
+a 400, as is any other duplicate), and top-level field names match
+case-insensitively.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ ROUTE_METHODS: dict[str, tuple[bytes, ...]] = {
     "/events": (b"GET",),
     "/info": (b"GET", b"POST"),
     "/tcping": (b"GET",),
+    "/metrics": (b"GET",),
     "/openapi.json": (b"GET",),
     "/docs": (b"GET",),
 }
@@ -144,6 +148,16 @@ def _read(request: Any) -> bytes:
     content.seek(0)
     data: bytes = content.read(MAX_BODY + 1)
     return data
+
+
+def _bearer(value: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (scheme case-insensitive)."""
+    if not value:
+        return None
+    scheme, _, token = bytes(value).strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip() or None
 
 
 def _set_cors(request: Any) -> None:
@@ -229,7 +243,8 @@ class MasterAPI:
     """The API handlers; one per master.
 
     *clock* gives POSIX seconds (uptime); *started* is when the API started;
-    *tls_code* is the effective TLS code of the API listener (0/1/2).
+    *tls_code* is the effective TLS code of the API listener (0/1/2);
+    *reactor* (optional) lends its thread pool to format ``/metrics``.
     """
 
     app = Klein()
@@ -246,8 +261,10 @@ class MasterAPI:
         clock: Callable[[], float],
         started: float,
         tls_code: int,
+        reactor: Any = None,
     ) -> None:
         self.master = master
+        self.reactor = reactor
         self.manager = manager
         self.events = events
         self.sysinfo = sysinfo
@@ -257,6 +274,8 @@ class MasterAPI:
         self.started = started
         self.tls_code = tls_code
         self._docs: IResource | None = None
+        self.metrics: Any = None
+        """The :class:`~nodepass.metrics.MetricsSource` ``/metrics`` serves (built on first use when not set)."""
 
     # ------------------------------------------------------------------ mounting
     def resource(self) -> IResource:
@@ -283,7 +302,7 @@ class MasterAPI:
         key = self.manager.api_key
         if not key:
             return None
-        given = request.getHeader(b"X-API-Key")
+        given = request.getHeader(b"X-API-Key") or _bearer(request.getHeader(b"Authorization"))
         if not given:
             return _error(request, 401, "Unauthorized: API key required")
         if not hmac.compare_digest(bytes(given), key.encode("utf-8")):
@@ -476,6 +495,21 @@ class MasterAPI:
         d.addCallback(lambda result: _json(request, 200, result))
         d.addErrback(lambda f: self._fail(request, f))
         return d
+
+    # ------------------------------------------------------------------ /metrics
+    @app.route("/metrics")
+    def metrics_route(self, request: Any) -> Any:
+        """Prometheus metrics of the instances and the master (see :mod:`nodepass.master.metrics`)."""
+        early = self._admit(request, True, "/metrics")
+        if early is not None:
+            return early
+        from nodepass.metrics import render
+
+        if self.metrics is None:
+            from nodepass.master.metrics import master_metrics
+
+            self.metrics = master_metrics(self.manager, clock=self.clock, started=self.started)
+        return render(request, self.metrics, self.reactor)
 
     # ------------------------------------------------------------------ public
     @app.route("/openapi.json")

@@ -151,6 +151,7 @@ class InstanceRecord:
         self.watchdog: IDelayedCall | None = None
         self.deleted = False
         self.lock = DeferredLock()
+        self.restarts = 0  # restarts after an error of this record's earlier tunnels (this process)
 
     @property
     def is_pseudo(self) -> bool:
@@ -174,6 +175,10 @@ class InstanceRecord:
                 self.totals[name] = self.base[name] + max(live - self.at_reset[name], 0)
         except Exception:
             pass
+
+    def restart_count(self) -> int:
+        """Restarts after an error since the master started: the tunnels' own and the error sweep's."""
+        return self.restarts + self.live_counter("restarts")
 
     def live_counter(self, name: str) -> int:
         """The running tunnel's own value of counter *name* (0 when not running)."""
@@ -715,6 +720,7 @@ class InstanceManager(MultiService):
                 self._changed(record)
             return
         record.refresh()
+        record.restarts += record.live_counter("restarts")
         logger = record.logger
         if logger is not None:
             logger.flush()  # summaries of repeated lines still reach the event stream
@@ -834,6 +840,7 @@ class InstanceManager(MultiService):
         for record in list(self.records.values()):
             if record.status == "error" and not record.deleted:
                 self.logger.info("Restarting instance in error [%s]", record.id)
+                record.restarts += 1
                 self.restart(record).addErrback(lambda f: None)
 
     def startService(self) -> None:

@@ -3,7 +3,8 @@
 :func:`openapi_document` builds the document for one route base (such as
 ``/api/v1``): every route, every method, every request and response body,
 and the error statuses each route can answer.  All routes except
-``/openapi.json`` and ``/docs`` need the ``X-API-Key`` header.
+``/openapi.json`` and ``/docs`` need the API key, in the ``X-API-Key`` header
+or as ``Authorization: Bearer <key>``.
 """
 
 from __future__ import annotations
@@ -363,7 +364,7 @@ _EVENT: Schema = {
 
 _RESPONSES: Schema = {
     "BadRequest": _json_body(_ref("Error"), "Invalid request (bad JSON, field or parameter)."),
-    "Unauthorized": _json_body(_ref("Error"), "Missing or wrong X-API-Key header."),
+    "Unauthorized": _json_body(_ref("Error"), "Missing or wrong API key (X-API-Key or Authorization: Bearer)."),
     "Forbidden": _json_body(_ref("Error"), "Not allowed on the API key instance `********`."),
     "NotFound": _json_body(_ref("Error"), "No instance with this id."),
     "MethodNotAllowed": {
@@ -478,6 +479,36 @@ def _links(source: str) -> Schema:
         }
         for name, operation_id in _INSTANCE_OPERATIONS.items()
     }
+
+
+def _metrics_operation() -> Schema:
+    return _operation(
+        "getMetrics",
+        "Prometheus metrics of the instances and the master",
+        {
+            "200": {
+                "description": (
+                    "Prometheus text format (`text/plain; version=0.0.4`), or OpenMetrics when the "
+                    "`Accept` header asks for `application/openmetrics-text`."
+                ),
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
+            }
+        },
+        tag="master",
+        description=(
+            "Per instance (labels `id`, `alias`, `type`; the API key instance is left out): "
+            "`nodepass_{tcp,udp}_{rx,tx}_bytes_total`, `nodepass_tcp_connections`, "
+            "`nodepass_udp_sessions`, `nodepass_pool_connections`, `nodepass_ping_seconds`, "
+            "`nodepass_mode`, `nodepass_status` (state set running/stopped/error), "
+            "`nodepass_restarts_total`; then `nodepass_master_uptime_seconds`, "
+            "`nodepass_master_info`, `nodepass_build_info` and the `process_*`/`python_*` "
+            "collectors. The values are read when scraped and equal `GET /instances`. "
+            "Prometheus can send the key as `Authorization: Bearer <key>`."
+        ),
+    )
 
 
 def _paths() -> dict[str, Any]:
@@ -627,6 +658,7 @@ def _paths() -> dict[str, Any]:
                 ],
             )
         },
+        "/metrics": {"get": _metrics_operation()},
         "/openapi.json": {
             "get": _operation(
                 "getOpenApi",
@@ -654,7 +686,8 @@ _DOCUMENT_TEMPLATE: Schema = {
         "title": "NodePass API",
         "description": (
             "Manage NodePass server and client tunnel instances run by a NodePass master. "
-            "Send the API key in the `X-API-Key` header; the master logs the key when it starts. "
+            "Send the API key in the `X-API-Key` header (or as `Authorization: Bearer <key>`); "
+            "the master logs the key when it starts. "
             "`HEAD` is answered wherever `GET` is (same status and headers, no body) and `OPTIONS` "
             "everywhere (CORS preflight, 200 before the key check); any other method a route does "
             "not list is a 405 whose `Allow` header names the methods it serves. In request "
@@ -663,7 +696,7 @@ _DOCUMENT_TEMPLATE: Schema = {
         "version": API_VERSION,
     },
     "servers": [{"url": "/api/v1"}],
-    "security": [{"ApiKey": []}],
+    "security": [{"ApiKey": []}, {"BearerKey": []}],
     "tags": [
         {"name": "instances", "description": "Tunnel instances."},
         {"name": "events", "description": "Live instance events."},
@@ -678,7 +711,12 @@ _DOCUMENT_TEMPLATE: Schema = {
                 "in": "header",
                 "name": "X-API-Key",
                 "description": "The API key (32 hex characters), also the `url` of instance `********`.",
-            }
+            },
+            "BearerKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The same API key as `Authorization: Bearer <key>` (used when `X-API-Key` is absent).",
+            },
         },
         "schemas": {
             "Instance": _INSTANCE,
