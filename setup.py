@@ -31,6 +31,9 @@ setup(
         "zope.interface>=6.0",
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
+        # WebSocket pool (type=2), imported only when that type is used.
+        "wsproto>=1.2",
+        "h11>=0.14",
     ],
     extras_require={
         "test": [
