@@ -631,6 +631,19 @@ class RefusalTests(unittest.TestCase):
         pair.clock.advance(60)
         self.assertEqual(len([t for t in pair.texts(Level.WARN) if "refused" in t]), 2)
 
+    def test_refusals_after_close_are_counted_not_logged(self) -> None:
+        pair = Pair(self)
+        server = pair.server.factory().buildProtocol(None)
+        sw, cw = wire_pair(server, RawPeer())
+        cw.write(b"GET / HT")
+        pump(sw, cw, clock=pair.clock)
+        self.refuse(pair, upgrade_request(method="PUT"))  # logs and starts the quiet interval
+        pair.server.close()
+        pump(sw, cw, clock=pair.clock)  # the aborted upgrade is counted after the close
+        self.assertEqual(pair.server.refused["incomplete upgrade"], 1)
+        self.assertFalse([c for c in pair.clock.getDelayedCalls() if "_summary" in repr(c.func)])
+        self.assertEqual(len([t for t in pair.texts() if "refused" in t]), 1)
+
     def test_silent_connection_times_out(self) -> None:
         pair = Pair(self)
         server = pair.server.factory().buildProtocol(None)

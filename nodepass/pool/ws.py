@@ -464,9 +464,12 @@ class _Refusals:
         self._last = ("", "")
         self._quiet_until = 0.0
         self._timer: Any = None
+        self._stopped = False
 
     def add(self, reason: str, peer: str, detail: str) -> None:
         self.counts[reason] += 1
+        if self._stopped:
+            return
         now = self.reactor.seconds()
         if now >= self._quiet_until and self._timer is None:
             self._quiet_until = now + self.interval
@@ -493,6 +496,8 @@ class _Refusals:
         (self.logger.debug if quiet else self.logger.warn)(msg, *args)
 
     def stop(self) -> None:
+        """Log nothing more (the pool closed); counting goes on."""
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
