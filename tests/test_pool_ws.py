@@ -260,17 +260,17 @@ class UpgradeAndIdTests(unittest.TestCase):
         self.assertEqual(pool.host_header, "[::1]")
 
     def test_scheme_and_certificate_check_per_tls_code(self) -> None:
-        self.assertEqual(ws_target(0, "tunnel.example", 10101), ("ws", None))
-        scheme, creator = ws_target(0, "tunnel.example", 443)
-        self.assertEqual(scheme, "wss")
-        self.assertNotEqual(type(creator).__name__, "_NoVerifyClient")  # port 443: verified
-        scheme, creator = ws_target(1, "tunnel.example", 10101)
-        self.assertEqual((scheme, type(creator).__name__), ("wss", "_NoVerifyClient"))
-        self.assertEqual(creator._sni, b"tunnel.example")
-        self.assertEqual(ws_target(1, "192.0.2.1", 10101)[1]._sni, b"")  # no SNI for an address
-        scheme, creator = ws_target(2, "tunnel.example", 10101)
-        self.assertEqual(scheme, "wss")
-        self.assertNotEqual(type(creator).__name__, "_NoVerifyClient")
+        import ssl
+
+        self.assertEqual(ws_target(0, "tunnel.example", 10101), ("ws", None, None))
+        for code, port, verified in ((0, 443, True), (1, 10101, False), (2, 10101, True)):
+            with self.subTest(code=code, port=port):
+                scheme, ctx, name = ws_target(code, "tunnel.example", port)
+                assert ctx is not None
+                self.assertEqual((scheme, name), ("wss", "tunnel.example"))  # SNI = URL host
+                self.assertEqual(ctx.verify_mode == ssl.CERT_REQUIRED, verified)
+                self.assertEqual(ctx.check_hostname, verified)
+                self.assertEqual(ctx.minimum_version, ssl.TLSVersion.TLSv1_3)
 
     def test_refused_when_full_with_503_pool_full(self) -> None:
         pair = Pair(self, max_cap=1, min_cap=1)

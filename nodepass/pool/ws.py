@@ -73,17 +73,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 import h11
-from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IAddress, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
@@ -106,6 +105,7 @@ from nodepass.net import addr_text
 from nodepass.pool.base import ClientPoolBase, PoolConnection, ServerPoolBase
 from nodepass.pool.stream import StreamTransport
 from nodepass.relay import direct_writer, set_keepalive, set_nodelay
+from nodepass.relay.tls import TLSFactory
 
 __all__ = [
     "WsServerPool",
@@ -155,15 +155,17 @@ def member_ip_policy(wsip: str, handshake_ip: str, via: str) -> tuple[str, str]:
     return handshake_ip, ""
 
 
-def ws_target(tls_code: int, host: str, port: int) -> tuple[str, Any]:
-    """(``ws``/``wss``, client TLS connection creator or None) for a member dial."""
-    from nodepass.tls import client_connection_creator
+def ws_target(tls_code: int, host: str, port: int) -> tuple[str, ssl.SSLContext | None, str | None]:
+    """(``ws``/``wss``, client TLS context or None, server name for SNI and
+    verification) for a member dial.  An address as server name is verified
+    but never sent as SNI."""
+    from nodepass.tls import client_ssl_context
 
     if tls_code == 1:
-        return "wss", client_connection_creator(1, "", sni=host)
+        return "wss", client_ssl_context(1, ""), host or None
     if tls_code == 2 or port == 443:
-        return "wss", client_connection_creator(2, host)
-    return "ws", None
+        return "wss", client_ssl_context(2, host), host or None
+    return "ws", None, None
 
 
 # -- one member ---------------------------------------------------------------------------------
@@ -193,10 +195,8 @@ class WsStream(StreamTransport):
         self.link.pause_reading(paused)
 
     def getPeerCertificate(self) -> Any:
-        tcp = self.transport
-        if tcp is None or not ISSLTransport.providedBy(tcp):
-            return None
-        return tcp.getPeerCertificate()
+        get = getattr(self.transport, "getPeerCertificate", None)
+        return get() if get is not None else None
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         set_nodelay(self.transport)
@@ -673,7 +673,7 @@ class _ServerLink(_WsLink):
         pool._upgrading.discard(self)
         if self._refused:
             return
-        if isinstance(reason.value, SSL.Error):
+        if isinstance(reason.value, ssl.SSLError):
             pool.refusals.add("TLS handshake failed", self.peer, f"TLS handshake failed: {reason.getErrorMessage()}")
         elif self._got_bytes:
             pool.refusals.add("incomplete upgrade", self.peer, "closed during the upgrade request")
@@ -724,7 +724,7 @@ class WsServerPool(ServerPoolBase):
         self._upgrading: set[_ServerLink] = set()
         self.max_upgrading = max(1024, 2 * self.max_cap)
         plain = _ServerFactory(self)
-        self._factory: Any = TLSMemoryBIOFactory(self.tls, False, plain) if self.tls is not None else plain
+        self._factory: Any = TLSFactory(self.tls.ssl_context, True, plain) if self.tls is not None else plain
 
     @property
     def refused(self) -> Counter[str]:
@@ -863,7 +863,7 @@ class WsClientPool(ClientPoolBase):
         self.host = host
         self.port = port
         self.dial_timeout = dial_timeout
-        self.scheme, self.tls_creator = ws_target(tls_code, host, port)
+        self.scheme, self.ssl_context, self.server_hostname = ws_target(tls_code, host, port)
         #: Host header: the URL host without port (IPv6 in brackets).
         self.host_header = f"[{host}]" if ":" in host else host
         self._connect = connect
@@ -874,8 +874,8 @@ class WsClientPool(ClientPoolBase):
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
         dial = _DialFactory(self, conn, failed)
         factory: Any = dial
-        if self.tls_creator is not None:
-            factory = TLSMemoryBIOFactory(self.tls_creator, True, dial)
+        if self.ssl_context is not None:
+            factory = TLSFactory(self.ssl_context, False, dial, self.server_hostname)
         if self._connect is not None:
             self._connect(factory)
             return
