@@ -302,7 +302,7 @@ class UpgradeAndIdTests(unittest.TestCase):
         failures: list[str] = []
         member = PoolConnection(pair.client, False)
         factory_holder: list[Any] = []
-        pair.client._connect = factory_holder.append
+        pair.client.dialer.connect = factory_holder.append
         pair.client._open_member(member, failures.append)
         link = factory_holder[0].buildProtocol(None)
         raw = RawPeer()
@@ -321,7 +321,7 @@ class UpgradeAndIdTests(unittest.TestCase):
         pair = Pair(self)
         failures: list[str] = []
         holder: list[Any] = []
-        pair.client._connect = holder.append
+        pair.client.dialer.connect = holder.append
         pair.client._open_member(PoolConnection(pair.client, False), failures.append)
         link = holder[0].buildProtocol(None)
         silent = RawPeer()

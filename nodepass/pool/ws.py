@@ -104,6 +104,7 @@ from nodepass.log import NodePassLogger
 from nodepass.net import addr_text
 from nodepass.pool.base import ClientPoolBase, PoolConnection, ServerPoolBase
 from nodepass.pool.stream import StreamTransport
+from nodepass.pool.tcp import Dialer
 from nodepass.relay import direct_writer, set_keepalive, set_nodelay
 from nodepass.relay.tls import TLSFactory
 
@@ -829,14 +830,11 @@ class _DialFactory(ClientFactory):
         self.pool = pool
         self.member = member
         self.failed = failed
-        self.connector: Any = None
 
     def buildProtocol(self, addr: IAddress | None) -> _ClientLink:
-        self.pool._connectors.discard(self.connector)
         return _ClientLink(self.pool, self.member, self.failed)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.pool._connectors.discard(self.connector)
         self.failed(f"dial tcp {self.pool.host}:{self.pool.port}: {reason.getErrorMessage()}")
 
 
@@ -862,31 +860,18 @@ class WsClientPool(ClientPoolBase):
         super().__init__(reactor, logger, **kwargs)
         self.host = host
         self.port = port
-        self.dial_timeout = dial_timeout
-        self.scheme, self.ssl_context, self.server_hostname = ws_target(tls_code, host, port)
+        self.scheme, ssl_context, server_hostname = ws_target(tls_code, host, port)
         #: Host header: the URL host without port (IPv6 in brackets).
         self.host_header = f"[{host}]" if ":" in host else host
-        self._connect = connect
-        self._connectors: set[Any] = set()
+        self.dialer = Dialer(reactor, host, port, dial_timeout, ssl_context, server_hostname, connect)
         self._links: set[_ClientLink] = set()
         logger.debug("WebSocket pool: %s://%s:%d/", self.scheme, self.host_header, port)
 
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
-        dial = _DialFactory(self, conn, failed)
-        factory: Any = dial
-        if self.ssl_context is not None:
-            factory = TLSFactory(self.ssl_context, False, dial, self.server_hostname)
-        if self._connect is not None:
-            self._connect(factory)
-            return
-        dial.connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
-        self._connectors.add(dial.connector)
+        self.dialer.dial(_DialFactory(self, conn, failed))
 
     def _close_transport(self) -> None:
-        for connector in list(self._connectors):
-            if getattr(connector, "state", "") == "connecting":
-                connector.stopConnecting()
-        self._connectors.clear()
+        self.dialer.stop()
         for link in list(self._links):
             link._fail("pool closed")
         self._links.clear()
