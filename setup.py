@@ -32,6 +32,9 @@ setup(
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
         "prometheus-client>=0.20",
+        # WebSocket pool (type=2), imported only when that type is used.
+        "wsproto>=1.2",
+        "h11>=0.14",
     ],
     extras_require={
         "test": [

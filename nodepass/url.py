@@ -192,6 +192,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("block", "both", "0", "0, or digits among 1 (SOCKS), 2 (HTTP), 3 (TLS), e.g. 13"),
     Parameter("notcp", "both", "0", "0, 1"),
     Parameter("noudp", "both", "0", "0, 1"),
+    # Not a NodePass parameter (NodePass ignores it): which addresses may open
+    # WebSocket pool connections (type=2); see docs/configuration.md.
+    Parameter("wsip", "server", None, "auto, same, any"),
 )
 _PARAM_BY_NAME = {p.name: p for p in PARAMETERS}
 
@@ -311,6 +314,7 @@ class TunnelURL:
     block: frozenset[int]
     notcp: bool
     noudp: bool
+    wsip: str
     query: tuple[tuple[str, str], ...]
     extra: tuple[tuple[str, str], ...]
     raw: str
@@ -521,6 +525,8 @@ def parse_tunnel_url(text: str) -> TunnelURL:
     if notcp and noudp:
         raise URLError("notcp=1 and noudp=1 together leave nothing to forward", "notcp")
 
+    wsip = _choice("wsip", get("wsip") or "auto", ("auto", "same", "any"))
+
     _loop_guard(tunnel, targets)
 
     extra = tuple((k, v) for k, v in pairs if k not in _PARAM_BY_NAME)
@@ -551,6 +557,7 @@ def parse_tunnel_url(text: str) -> TunnelURL:
         block=block,
         notcp=notcp,
         noudp=noudp,
+        wsip=wsip,
         query=tuple(pairs),
         extra=extra,
         raw=text,

@@ -33,8 +33,8 @@ class DefaultsTests(unittest.TestCase):
         u = tunnel(SERVER)
         self.assertEqual(
             (u.log, u.tls, u.crt, u.key_file, u.dns, u.lbs, u.max, u.mode, u.type, u.dial, u.read,
-             u.rate, u.slot, u.proxy, u.block, u.notcp, u.noudp),
-            ("info", 0, "", "", 300.0, 0, 1024, 0, 0, "auto", 0.0, 0, 65536, 0, frozenset(), False, False),
+             u.rate, u.slot, u.proxy, u.block, u.notcp, u.noudp, u.wsip),
+            ("info", 0, "", "", 300.0, 0, 1024, 0, 0, "auto", 0.0, 0, 65536, 0, frozenset(), False, False, "auto"),
         )
 
     def test_client_defaults(self) -> None:
@@ -85,6 +85,8 @@ VALID = [
     ("block", "31", "block", frozenset({1, 3})),
     ("notcp", "1", "notcp", True),
     ("noudp", "1", "noudp", True),
+    ("wsip", "any", "wsip", "any"),
+    ("wsip", "same", "wsip", "same"),
 ]
 
 # (parameter, bad value, words the message must contain)
@@ -112,6 +114,7 @@ INVALID = [
     ("block", "1a", "SOCKS"),
     ("notcp", "yes", "0, 1"),
     ("noudp", "2", "0, 1"),
+    ("wsip", "all", "auto, same, any"),
 ]
 
 

@@ -19,6 +19,7 @@ only when that type is used.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from nodepass.log import NodePassLogger
@@ -87,12 +88,14 @@ def server_pool(
     strict: bool,
     host: str,
     port: int,
+    options: Mapping[str, Any] | None = None,
 ) -> IServerPool:
     """The server pool of ``pool_type`` for one session.
 
     ``tls`` is the session's :class:`~nodepass.tls.ServerTLS` (None for plain
     TCP); ``host``/``port`` the tunnel address (transports with listeners of
-    their own bind there in :meth:`IServerPool.start`).
+    their own bind there in :meth:`IServerPool.start`); ``options`` are
+    keyword arguments only that transport takes (WebSocket: ``wsip``, ``via``).
     """
     cls = _class(pool_type, True)
     kwargs: dict[str, Any] = {
@@ -104,6 +107,7 @@ def server_pool(
     }
     if pool_type != 0:
         kwargs.update(host=host, port=port)
+    kwargs.update(options or {})
     return cls(reactor, logger, **kwargs)  # type: ignore[no-any-return]
 
 

@@ -25,7 +25,7 @@ from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
 from nodepass.relay.tls import TLSFactory
 
-__all__ = ["TcpServerPool", "TcpClientPool"]
+__all__ = ["TcpServerPool", "TcpClientPool", "Dialer"]
 
 
 class _MemberFactory(Factory):
@@ -53,22 +53,75 @@ class TcpServerPool(ServerPoolBase):
         return self._factory  # type: ignore[no-any-return]
 
 
+class Dialer:
+    """The TCP dials of a client pool to one address, in TLS with a context.
+
+    :meth:`dial` wraps a factory in TLS (``ssl_context``; ``server_hostname``
+    is the name sent and verified, None: no SNI) and connects it (``connect``
+    replaces the TCP connect in tests); :meth:`stop` gives up the dials still
+    connecting (the pool closed).  Used by the TCP and WebSocket pools.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        timeout: float,
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
+        connect: Callable[[ClientFactory], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.connect = connect
+        self._connectors: list[Any] = []
+        self._prune_at = 64
+
+    def dial(self, factory: ClientFactory) -> None:
+        """Connect ``factory`` (in TLS when there is a context) to the address."""
+        wrapped: Any = factory
+        if self.ssl_context is not None:
+            wrapped = TLSFactory(self.ssl_context, False, factory, self.server_hostname)
+        if self.connect is not None:
+            self.connect(wrapped)
+            return
+        if len(self._connectors) >= self._prune_at:
+            # Forget finished dials now and then (amortised: the list at most
+            # doubles between two prunings).
+            self._connectors = [c for c in self._connectors if _connecting(c)]
+            self._prune_at = 2 * len(self._connectors) + 64
+        self._connectors.append(self.reactor.connectTCP(self.host, self.port, wrapped, timeout=self.timeout))
+
+    def stop(self) -> None:
+        """Stop every dial that has not connected yet."""
+        for connector in self._connectors:
+            if _connecting(connector):
+                connector.stopConnecting()
+        self._connectors = []
+
+
+def _connecting(connector: Any) -> bool:
+    return getattr(connector, "state", "") == "connecting"
+
+
 class _DialFactory(ClientFactory):
     """Connects one dial attempt to its member."""
 
     noisy = False  # one factory per member: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
+    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None]) -> None:
         self.conn = conn
         self.failed = failed
-        self.done = done
 
     def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
-        self.done()
         return self.conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.done()
         self.failed(reason)
 
 
@@ -94,34 +147,13 @@ class TcpClientPool(ClientPoolBase):
         super().__init__(reactor, logger, **kwargs)
         self.host = host
         self.port = port
-        self.dial_timeout = dial_timeout
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname
-        self._connect = connect
-        self._connectors: set[Any] = set()
+        self.dialer = Dialer(reactor, host, port, dial_timeout, ssl_context, server_hostname, connect)
 
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
-        connectors: list[Any] = []
-
-        def done() -> None:
-            for connector in connectors:
-                self._connectors.discard(connector)
-
         def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        factory: Any = _DialFactory(conn, dial_failed, done)
-        if self.ssl_context is not None:
-            factory = TLSFactory(self.ssl_context, False, factory, self.server_hostname)
-        if self._connect is not None:
-            self._connect(factory)
-            return
-        connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
-        connectors.append(connector)
-        self._connectors.add(connector)
+        self.dialer.dial(_DialFactory(conn, dial_failed))
 
     def _close_transport(self) -> None:
-        for connector in list(self._connectors):
-            if getattr(connector, "state", "") == "connecting":
-                connector.stopConnecting()
-        self._connectors.clear()
+        self.dialer.stop()

@@ -42,6 +42,7 @@ from nodepass.log import NodePassLogger
 from nodepass.net import join_host_port
 
 __all__ = [
+    "FORWARDING_HEADERS",
     "auth_token",
     "verify_token",
     "TunnelConfig",
@@ -53,6 +54,20 @@ __all__ = [
 ]
 
 MAX_HEADER = 16 * 1024
+
+#: Headers an HTTP proxy or CDN adds to a request it forwards; the first one
+#: found in the handshake request is passed to ``authorize`` (the WebSocket
+#: pool then accepts members from other addresses, see nodepass.pool.ws).
+FORWARDING_HEADERS = (
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "cf-connecting-ip",
+    "true-client-ip",
+    "fastly-client-ip",
+    "x-client-ip",
+    "via",
+)
 
 
 def auth_token(key: str) -> str:
@@ -124,9 +139,10 @@ def _error(status: int) -> bytes:
 class HandshakeServerProtocol(Protocol):
     """Serves the handshake on one connection of the tunnel port.
 
-    ``authorize(peer_ip)`` is called for a request with a valid token and
-    returns the TunnelConfig to send, or None when the server no longer takes
-    handshakes (the connection is then closed).
+    ``authorize(peer_ip, via)`` is called for a request with a valid token
+    (``via``: the first of :data:`FORWARDING_HEADERS` the request carries, ''
+    when none) and returns the TunnelConfig to send, or None when the server
+    no longer takes handshakes (the connection is then closed).
     """
 
     def __init__(
@@ -136,7 +152,7 @@ class HandshakeServerProtocol(Protocol):
         reactor: Any,
         logger: NodePassLogger,
         timeout: float,
-        authorize: Callable[[str], TunnelConfig | None],
+        authorize: Callable[[str, str], TunnelConfig | None],
     ) -> None:
         self.key = key
         self.reactor = reactor
@@ -236,7 +252,8 @@ class HandshakeServerProtocol(Protocol):
             self.logger.warn("Tunnel handshake from %s: unauthorized (missing or wrong key)", self.peer)
             self._finish(_error(401))
             return
-        config = self.authorize(self.peer_ip)
+        via = next((name for name in FORWARDING_HEADERS if name in headers), "")
+        config = self.authorize(self.peer_ip, via)
         if config is None:
             self._finish(None)
             return

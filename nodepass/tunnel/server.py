@@ -584,7 +584,7 @@ class ServerSession(DualEndSession):
         self.logger.info("Getting tunnel pool ready...")
         yield self._set_control()
 
-    def _authorize(self, client_ip: str) -> TunnelConfig | None:
+    def _authorize(self, client_ip: str, via: str = "") -> TunnelConfig | None:
         if self.phase != "handshake" or self.stopped:
             return None
         self.phase = "pool"
@@ -600,6 +600,8 @@ class ServerSession(DualEndSession):
             strict=self.flow == "-",
             host=self.config.tunnel.host,
             port=self.port,
+            # WebSocket: which addresses may open pool connections.
+            options={"wsip": self.config.wsip, "via": via} if self.config.type == 2 else None,
         )
         try:
             pool.start()
