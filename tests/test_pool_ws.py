@@ -33,6 +33,7 @@ from nodepass.pool.ws import (
     CLOSE_TIMEOUT,
     DIAL_BUDGET,
     MAX_MESSAGE,
+    RECV_LIMIT,
     UPGRADE_TIMEOUT,
     WsClientPool,
     WsServerPool,
@@ -346,18 +347,29 @@ class FramingTests(unittest.TestCase):
         self.s.set_sink(self.s_got.append)
         self.c.set_sink(self.c_got.append)
 
-    def test_each_write_is_one_message_and_one_read(self) -> None:
+    def test_each_write_is_one_message(self) -> None:
         assert self.c.transport is not None and self.s.transport is not None
+        sw, cw = self.pair.wires[0]
         for datagram in (b"one", b"", b"two" * 100, b"x"):
             self.c.transport.write(datagram)
-        self.pair.pump()  # all three messages travel in one TCP read
+        self.assertEqual([p for _op, p, _fin in frames(cw.value(), client=False)], [b"one", b"two" * 100, b"x"])
+        self.pair.pump()  # all three messages travel in one TCP read ...
+        self.assertEqual(self.s_got, [b"one" + b"two" * 100 + b"x"])  # ... and arrive as one read
+
+    def test_messages_are_reads_once_a_reader_sets_buffer_size(self) -> None:
+        # A UDP session sets bufferSize: from then on one message is one read.
+        assert self.c.transport is not None and self.s.transport is not None
+        self.s.transport.bufferSize = 2048  # type: ignore[attr-defined]
+        for datagram in (b"one", b"", b"two" * 100, b"x"):
+            self.c.transport.write(datagram)
+        self.pair.pump()
         self.assertEqual(self.s_got, [b"one", b"two" * 100, b"x"])
         self.s.transport.write(b"back")
         self.pair.pump()
         self.assertEqual(self.c_got, [b"back"])
 
-    def test_long_writes_become_16k_messages(self) -> None:
-        assert self.s.transport is not None
+    def test_long_writes_become_messages_of_at_most_max_message(self) -> None:
+        assert self.s.transport is not None and self.c.transport is not None
         sw, cw = self.pair.wires[0]
         cw.received = b""
         payload = os.urandom(2 * MAX_MESSAGE + 1000)
@@ -367,7 +379,12 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(sizes, [(Opcode.BINARY, MAX_MESSAGE, True), (Opcode.BINARY, MAX_MESSAGE, True),
                                  (Opcode.BINARY, 1000, True)])
         self.assertEqual(b"".join(self.c_got), payload)
+        self.c.transport.bufferSize = 2048  # type: ignore[attr-defined]
+        self.c_got.clear()
+        self.s.transport.write(payload)
+        self.pair.pump()
         self.assertEqual([len(x) for x in self.c_got], [MAX_MESSAGE, MAX_MESSAGE, 1000])
+        self.assertEqual(b"".join(self.c_got), payload)
 
     def test_client_frames_are_masked_binary(self) -> None:
         assert self.c.transport is not None
@@ -380,14 +397,35 @@ class FramingTests(unittest.TestCase):
         self.assertNotIn(b"secret", sw.received)
         self.assertEqual(frames(sw.received, client=False), [(Opcode.BINARY, b"secret", True)])
 
-    def test_a_message_split_across_reads_and_frames_is_delivered_whole(self) -> None:
-        # A peer sending one message as two fragments, byte by byte.
+    def test_a_message_split_across_reads_and_frames(self) -> None:
+        # A peer sending one message as two fragments, byte by byte: as a
+        # byte stream every payload byte moves on at once ...
         sw, cw = self.pair.wires[0]
         peer = Connection(ConnectionType.SERVER)
         data = peer.send(Message(data=b"abc", message_finished=False)) + peer.send(Message(data=b"def"))
         for i in range(len(data)):
             cw.protocol.dataReceived(data[i:i + 1])
+        self.assertEqual(self.c_got, [b"a", b"b", b"c", b"d", b"e", b"f"])
+        # ... and once messages are reads, the message arrives whole.
+        assert self.c.transport is not None
+        self.c.transport.bufferSize = 2048  # type: ignore[attr-defined]
+        self.c_got.clear()
+        for i in range(len(data)):
+            cw.protocol.dataReceived(data[i:i + 1])
         self.assertEqual(self.c_got, [b"abcdef"])
+
+    def test_a_message_larger_than_the_receive_limit_comes_in_parts(self) -> None:
+        sw, cw = self.pair.wires[0]
+        assert self.c.transport is not None
+        self.c.transport.bufferSize = 2048  # type: ignore[attr-defined]
+        peer = Connection(ConnectionType.SERVER)
+        payload = os.urandom(RECV_LIMIT + 100_000)
+        data = peer.send(BytesMessage(data=payload))
+        for i in range(0, len(data), 65536):
+            cw.protocol.dataReceived(data[i:i + 65536])
+        self.assertEqual(b"".join(self.c_got), payload)
+        self.assertGreaterEqual(len(self.c_got[0]), RECV_LIMIT)
+        self.assertEqual(len(self.c_got), 2)
 
     def test_ping_is_answered_and_no_ping_is_sent(self) -> None:
         sw, cw = self.pair.wires[0]
@@ -503,6 +541,7 @@ class CloseTests(unittest.TestCase):
                 stream.pauseProducing()  # a slow consumer stops after the first message
 
         self.c.set_sink(sink)
+        stream.bufferSize = 2048  # one read per message
         self.s.transport.write(b"one")
         self.s.transport.write(b"two")
         self.s.close()
@@ -576,6 +615,176 @@ class BackPressureTests(unittest.TestCase):
         self.assertEqual(cw.pause_calls[-1], False)
         self.pair.pump()
         self.assertEqual(got, [b"waits"])
+
+
+class UpgradeFormTests(unittest.TestCase):
+    """Plain upgrade heads take the quick reader, any other valid one is read
+    by h11; both come to the same decision."""
+
+    def serve(self, pair: Pair, request: bytes, step: int = 0) -> bytes:
+        server = pair.server.factory().buildProtocol(None)
+        peer = RawPeer()
+        sw, cw = wire_pair(server, peer)
+        if step:
+            for i in range(0, len(request), step):
+                server.dataReceived(request[i:i + step])
+        else:
+            cw.write(request)
+        pump(sw, cw, clock=pair.clock)
+        return peer.data
+
+    def test_valid_requests_in_any_form_are_accepted(self) -> None:
+        plain = upgrade_request()
+        forms = {
+            "plain": plain,
+            "lower-case names, spaces": plain.replace(b"Upgrade: websocket", b"upgrade:   WebSocket  ")
+                                             .replace(b"Connection: Upgrade", b"connection:keep-alive, upgrade"),
+            "bare LF": plain.replace(b"\r\n", b"\n"),
+            "folded header": plain.replace(b"Host: tunnel.example\r\n", b"Host: tunnel.example\r\nX-Long: a\r\n b\r\n"),
+            "empty body": plain.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),
+            "control chars in a value": plain.replace(b"Host: tunnel.example", b"Host: tunnel.example\r\nX: a\x01b"),
+        }
+        for name, request in forms.items():
+            for step in (0, 1, 7):
+                with self.subTest(form=name, step=step):
+                    pair = Pair(self)
+                    answer = self.serve(pair, request, step)
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), answer[:60])
+                    head, _, rest = answer.partition(b"\r\n\r\n")
+                    self.assertIn(b"Sec-WebSocket-Accept: " + generate_accept_token(KEY.encode()), head)
+                    self.assertEqual(frames(rest, client=True), [(Opcode.BINARY, b"\x00\x00\x00\x00", True)])
+                    self.assertEqual(pair.server.active, 1)
+
+    def test_quick_reader_and_h11_agree(self) -> None:
+        import h11
+
+        from nodepass.pool.wsupgrade import check_upgrade, parse_request
+
+        requests = [request for request, _status, _words in RefusalTests.CASES[:10]] + [
+            upgrade_request(),
+            upgrade_request(connection="keep-alive, Upgrade"),
+            upgrade_request(upgrade="WebSocket, h2c"),
+            upgrade_request().replace(b"Host: tunnel.example\r\n", b""),
+            upgrade_request().replace(b"Host: tunnel.example", b"Host: a\r\nHost: b"),
+        ]
+        for request in requests:
+            with self.subTest(request=request[:50]):
+                head = request[:request.index(b"\r\n\r\n")]
+                quick = parse_request(head)
+                http = h11.Connection(h11.SERVER)
+                http.receive_data(request)
+                try:
+                    event = http.next_event()
+                except h11.RemoteProtocolError:
+                    self.assertIsNone(quick)  # h11 refuses: the quick reader must not accept
+                    continue
+                full = check_upgrade(event.method, event.http_version, list(event.headers))
+                if quick is not None:
+                    self.assertEqual(check_upgrade(b"GET", b"1.1", quick), full)
+                elif event.method == b"GET" and event.http_version == b"1.1":
+                    self.fail("a plain GET request the quick reader did not take")
+
+    def test_nodepass_heads_take_the_quick_reader(self) -> None:
+        # The heads a NodePass (Go) client and server send, byte for byte.
+        from nodepass.pool.wsupgrade import accept_token, check_answer, check_upgrade, parse_request, parse_response
+
+        key = b"+25Z4ru5OHIe+WmNB34LsA=="
+        request = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Go-http-client/1.1\r\nConnection: Upgrade\r\n"
+                   b"Sec-Websocket-Key: " + key + b"\r\nSec-Websocket-Version: 13\r\nUpgrade: websocket\r\n"
+                   b"Accept-Encoding: gzip")
+        headers = parse_request(request)
+        assert headers is not None
+        self.assertIsNone(check_upgrade(b"GET", b"1.1", headers))
+        answer = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nSec-Websocket-Accept: "
+                  + accept_token(key) + b"\r\nUpgrade: websocket\r\nDate: Tue, 01 Dec 2026 13:53:49 GMT")
+        parsed = parse_response(answer)
+        assert parsed is not None
+        self.assertEqual(parsed[0], 101)
+        self.assertIsNone(check_answer(parsed[1], accept_token(key)))
+
+    def test_request_and_accept_value(self) -> None:
+        import h11
+
+        from nodepass.pool.wsupgrade import UpgradeRequest, accept_token, check_upgrade
+
+        request, accept = UpgradeRequest("[::1]", b"agent/1").new()
+        http = h11.Connection(h11.SERVER)
+        http.receive_data(request)
+        event = http.next_event()
+        headers = list(event.headers)
+        self.assertIsNone(check_upgrade(event.method, event.http_version, headers))
+        self.assertIn((b"host", b"[::1]"), headers)
+        self.assertIn((b"user-agent", b"agent/1"), headers)
+        key = dict(headers)[b"sec-websocket-key"]
+        self.assertEqual(accept, generate_accept_token(key))
+        self.assertEqual(accept_token(key), accept)
+        self.assertNotEqual(UpgradeRequest("x", b"a").new()[1], UpgradeRequest("x", b"a").new()[1])
+
+    def client_link(self, pair: Pair) -> tuple[Any, RawPeer, Wire, Wire, list[str]]:
+        failures: list[str] = []
+        holder: list[Any] = []
+        pair.client.dialer.connect = holder.append
+        member = PoolConnection(pair.client, False)
+        pair.client._open_member(member, failures.append)
+        link = holder[0].buildProtocol(None)
+        raw = RawPeer()
+        sw, cw = wire_pair(raw, link)
+        pump(sw, cw, clock=pair.clock)
+        return link, raw, sw, cw, failures
+
+    def answer(self, raw: RawPeer, form: bytes = b"\r\n", extra: bytes = b"", accept: bytes | None = None) -> bytes:
+        key = [line.split(b": ")[1] for line in raw.data.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key")][0]
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
+                 b"Sec-WebSocket-Accept: " + (accept if accept is not None else generate_accept_token(key))]
+        return form.join(lines) + form + extra + form
+
+    def test_client_takes_a_101_in_any_form(self) -> None:
+        for form, step in ((b"\r\n", 0), (b"\r\n", 1), (b"\n", 0), (b"\n", 3)):
+            with self.subTest(form=form, step=step):
+                pair = Pair(self)
+                link, raw, sw, cw, failures = self.client_link(pair)
+                data = self.answer(raw, form) + Connection(ConnectionType.SERVER).send(BytesMessage(data=b"\x01\x02\x03\x04"))
+                for i in range(0, len(data), step or len(data)):
+                    link.dataReceived(data[i:i + (step or len(data))])
+                self.assertEqual(failures, [])
+                self.assertEqual(link.member.id, "01020304")
+
+    def test_client_refuses_a_bad_101(self) -> None:
+        cases = [
+            (dict(accept=b"d3Jvbmc="), "Sec-WebSocket-Accept"),
+            (dict(extra=b"Sec-WebSocket-Protocol: chat\r\n"), "subprotocol"),
+        ]
+        for kwargs, words in cases:
+            with self.subTest(words=words):
+                pair = Pair(self)
+                link, raw, sw, cw, failures = self.client_link(pair)
+                sw.write(self.answer(raw, **kwargs))  # type: ignore[arg-type]
+                pump(sw, cw, clock=pair.clock)
+                self.assertEqual(len(failures), 1)
+                self.assertIn(words, failures[0])
+                self.assertTrue(cw.aborted)
+        pair = Pair(self)
+        link, raw, sw, cw, failures = self.client_link(pair)
+        sw.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        pump(sw, cw, clock=pair.clock)
+        self.assertIn("Connection: Upgrade", failures[0])
+
+    def test_client_reports_a_refusal_with_or_without_body(self) -> None:
+        for answer, words in (
+            (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\npool full\n", "503 pool full"),
+            (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", "refused: 403"),
+            (b"HTTP/1.1 502 Bad Gateway\r\n\r\nupstream gone", "502 upstream gone"),
+            (b"garbage\r\n\r\n", "bad answer"),
+        ):
+            with self.subTest(answer=answer[:20]):
+                pair = Pair(self)
+                link, raw, sw, cw, failures = self.client_link(pair)
+                sw.write(answer)
+                sw.loseConnection()
+                pump(sw, cw, clock=pair.clock)
+                self.assertEqual(len(failures), 1, failures)
+                self.assertIn(words, failures[0])
 
 
 class RefusalTests(unittest.TestCase):

@@ -13,10 +13,10 @@ Wire sequence of one member (NodePass v1.14 ``npws``, RFC 6455):
    ``426``/``431`` for a request that is not a valid upgrade;
 4. right after the ``101`` the server sends the member's 4-byte ID as ONE
    binary message (no handshake byte from the client first);
-5. data: binary messages only, at most :data:`MAX_MESSAGE` (16 KiB) each,
-   unfragmented and uncompressed; one write is one message (longer writes
-   become several) and one received message is delivered as one read, so a
-   UDP datagram carried over a member stays one datagram;
+5. data: binary messages only, unfragmented and uncompressed; one write is
+   one message (a write longer than :data:`MAX_MESSAGE`, 256 KiB, becomes
+   several; a NodePass peer reads messages of any size and writes at most
+   16 KiB each);
 6. end: a close frame with code 1000 from the end that finishes, answered at
    once by the other end, then the TCP connection closes (at most
    :data:`CLOSE_TIMEOUT` seconds after our close frame if the peer never
@@ -34,9 +34,21 @@ tls code               scheme   certificate check
 2                      wss://   verified against the URL host (not ``sni``)
 ====================== ======== ===============================================
 
+Frames are built and read by :mod:`nodepass.pool.wsframe` and the upgrade
+by :mod:`nodepass.pool.wsupgrade`; h11 reads only upgrade heads that are
+not of the plain form every WebSocket client and server sends.
+
 How the member maps onto the pool's stream contract
 (:class:`~nodepass.pool.stream.StreamTransport`):
 
+* reads: the payload bytes of one socket read are delivered as one chunk
+  (pieces of several messages joined, a large message as its pieces
+  arrive), as a TCP member delivers what one ``recv`` returned; once someone
+  sets ``bufferSize`` on the member (a UDP session does, see
+  :class:`nodepass.tunnel.udp.PoolLink`) every message is delivered on its
+  own instead, so a UDP datagram carried over a member stays one datagram
+  (a message still incomplete after :data:`RECV_LIMIT` bytes is delivered
+  in parts);
 * back-pressure: each WebSocket is its own TCP connection, so pausing a
   member's reading pauses that socket, and a member's writes are paused
   while the socket's own send buffer is full (a producer registered on it);
@@ -71,33 +83,16 @@ handshake's address; ``any`` never checks.  See docs/configuration.md.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ssl
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-import h11
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError, generate_accept_token
 from zope.interface import implementer
 
 from nodepass.log import NodePassLogger
@@ -105,7 +100,20 @@ from nodepass.net import addr_text
 from nodepass.pool.base import ClientPoolBase, PoolConnection, ServerPoolBase
 from nodepass.pool.stream import StreamTransport
 from nodepass.pool.tcp import Dialer
-from nodepass.relay import direct_writer, set_keepalive, set_nodelay
+from nodepass.pool.wsframe import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameDecoder, close_code, close_frame, frame
+from nodepass.pool.wsupgrade import (
+    HeaderList,
+    UpgradeRequest,
+    check_answer,
+    check_upgrade,
+    http_error,
+    needs_full_parser,
+    parse_request,
+    parse_response,
+    request_key,
+    switching_protocols,
+)
+from nodepass.relay import direct_writer, set_nodelay
 from nodepass.relay.tls import TLSFactory
 
 __all__ = [
@@ -115,15 +123,19 @@ __all__ = [
     "ws_target",
     "member_ip_policy",
     "MAX_MESSAGE",
+    "RECV_LIMIT",
     "UPGRADE_TIMEOUT",
     "DIAL_BUDGET",
     "CLOSE_TIMEOUT",
     "WSIP_VALUES",
 ]
 
-#: Largest binary message we send (NodePass copies data in 16 KiB buffers).
-MAX_MESSAGE = 16 * 1024
-#: A message still incomplete after this many bytes is delivered in parts.
+#: Largest binary message we send; a longer write becomes several messages.
+#: (A relay write is one socket read: at most 64 KiB from TCP, 256 KiB from
+#: TLS.  NodePass itself writes 16 KiB messages and reads any size.)
+MAX_MESSAGE = 256 * 1024
+#: A message still incomplete after this many bytes is delivered in parts
+#: (when messages are delivered one by one, see ``WsStream.bufferSize``).
 RECV_LIMIT = 256 * 1024
 #: Seconds a server waits for the upgrade request (TLS handshake included).
 UPGRADE_TIMEOUT = 10.0
@@ -141,6 +153,13 @@ _USER_AGENT = b"Go-http-client/1.1"
 
 def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+def _h11() -> Any:
+    """h11, imported the first time an upgrade head is not of the plain form."""
+    import h11
+
+    return h11
 
 
 def member_ip_policy(wsip: str, handshake_ip: str, via: str) -> tuple[str, str]:
@@ -200,7 +219,18 @@ class WsStream(StreamTransport):
         return get() if get is not None else None
 
     def setTcpNoDelay(self, enabled: bool) -> None:
-        set_nodelay(self.transport)
+        """Nothing to do: the link set ``TCP_NODELAY`` when it connected."""
+
+    @property
+    def bufferSize(self) -> int:
+        """Bytes delivered per read at most, when messages are delivered one by one."""
+        return RECV_LIMIT
+
+    @bufferSize.setter
+    def bufferSize(self, size: int) -> None:
+        # Someone reads messages (UDP datagrams, one per message): deliver
+        # message by message from now on.
+        self.link.per_message = True
 
 
 @implementer(IPushProducer)
@@ -228,20 +258,30 @@ class _WsLink(Protocol):
 
     Subclasses do the opening handshake (:meth:`_upgrade_data`) and then call
     :meth:`_open`; from there on this class runs the frames for the
-    :class:`WsStream` it created.
+    :class:`WsStream` it created.  ``masked``: our frames are masked (we are
+    the client) and the peer's must not be.
     """
+
+    masked = False
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.ws: Connection | WSConnection | None = None
+        self.decoder: FrameDecoder | None = None
         self.stream: WsStream | None = None
         self.write_blocked = False
+        #: Deliver each message on its own (see :attr:`WsStream.bufferSize`).
+        self.per_message = False
         self._gate: _WriteGate | None = None
         self._write: Callable[[bytes], None] = lambda data: None
-        self._parts: list[bytes] = []
+        self._prefix = b""  # sent with our first frame (the server's 101)
+        self._head = b""  # the upgrade head so far
+        #: h11's connection, for an upgrade head not of the plain form.
+        self.http: Any = None
+        self._parts: list[Any] = []
         self._parts_len = 0
         self._timer: Any = None
         self._close_timer: Any = None
+        self._close_sent = False
         self._clean_end = False
         self._failed = False
         self.peer = "?"
@@ -281,18 +321,45 @@ class _WsLink(Protocol):
             reason = _failure(ConnectionLost("websocket closed without a close frame"))
         stream.terminated(reason)
 
-    # -- what subclasses provide -------------------------------------------------------------
+    # -- the upgrade head -----------------------------------------------------------------------
     def _upgrade_data(self, data: bytes) -> None:
+        """Collect the upgrade head; a plain one goes to :meth:`_quick`, any
+        other (and everything after it) to :meth:`_full_parse`."""
+        if self.http is not None:
+            self._full_parse(data)
+            return
+        buffered = self._head + data if self._head else data
+        end = buffered.find(b"\r\n\r\n")
+        if end < 0:
+            if needs_full_parser(buffered):
+                self._head = b""
+                self._full_parse(buffered)
+            else:
+                self._head = buffered
+            return
+        self._head = b""
+        if not self._quick(buffered[:end], buffered[end + 4 :]):
+            self._full_parse(buffered)
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _quick(self, head: bytes, rest: bytes) -> bool:
+        """Act on a complete head (without its blank line) followed by
+        ``rest``; False when it is not of the plain form."""
+        raise NotImplementedError
+
+    def _full_parse(self, data: bytes) -> None:
+        """Feed ``data`` to h11 (:attr:`http`, created on the first call)."""
         raise NotImplementedError
 
     def _upgrade_lost(self, reason: Failure) -> None:
         """The TCP connection ended before the WebSocket opened."""
 
     # -- opening -------------------------------------------------------------------------------
-    def _open(self, ws: Connection | WSConnection, member: PoolConnection) -> WsStream:
-        """The WebSocket is open: run ``member`` on it."""
+    def _open(self, member: PoolConnection, rest: bytes) -> None:
+        """The WebSocket is open: run ``member`` on it; ``rest`` are the bytes
+        that followed the upgrade head (the first frames)."""
         self._cancel_timers()
-        self.ws = ws
+        self.decoder = FrameDecoder(masked=not self.masked)
         stream = WsStream(self)
         self.stream = stream
         gate = _WriteGate(self)
@@ -300,68 +367,76 @@ class _WsLink(Protocol):
         t: Any = self.transport
         t.registerProducer(gate, True)
         stream.attach(member)
-        return stream
+        if self._prefix and not self.lost and not stream.disconnecting:
+            # Nothing was written on the member at once: send the 101 alone.
+            self._out(b"")
+        if rest and not self.lost:
+            self._frames(rest)
+
+    def _out(self, data: bytes) -> None:
+        if self._prefix:
+            data = self._prefix + data
+            self._prefix = b""
+        self._write(data)
 
     # -- frames ----------------------------------------------------------------------------------
     def _frames(self, data: bytes) -> None:
-        ws = self.ws
-        if ws is None or ws.state is ConnectionState.CLOSED:
+        decoder = self.decoder
+        stream = self.stream
+        if decoder is None or stream is None:
             return
-        try:
-            ws.receive_data(data)
-        except (LocalProtocolError, RemoteProtocolError):
+        per_message = self.per_message
+        parts = self._parts
+        for opcode, payload, end in decoder.receive(data):
+            if opcode == OP_BINARY:
+                if payload:
+                    parts.append(payload)
+                    self._parts_len += len(payload)
+                if per_message and parts and (end or self._parts_len >= RECV_LIMIT):
+                    self._deliver()
+            elif opcode == OP_PING:
+                self._send_control(frame(OP_PONG, payload, self.masked))
+            elif opcode == OP_CLOSE:
+                if not per_message:
+                    self._deliver()
+                self._on_close(close_code(payload), bytes(payload[2:]))
+                return
+            # Pongs need nothing.
+        if parts and not per_message:
+            self._deliver()
+        error = decoder.error
+        if error is not None:
+            self._protocol_error(error.code, error.text)
+            self._close_tcp()
+
+    def _deliver(self) -> None:
+        """Hand the collected payload pieces to the member as one read."""
+        parts = self._parts
+        if not parts:
             return
-        for event in ws.events():
-            self._frame_event(event)
-
-    def _frame_event(self, event: Event) -> None:
-        kind = type(event)
-        if kind is BytesMessage:
-            assert isinstance(event, BytesMessage)
-            self._message(event)
-        elif kind is Ping:
-            assert isinstance(event, Ping)
-            self._send_control(event.response())
-        elif kind is CloseConnection:
-            assert isinstance(event, CloseConnection)
-            self._on_close(event)
-        elif kind is TextMessage:
-            self._protocol_error(1003, "unexpected text message (binary only)")
-
-    def _message(self, event: BytesMessage) -> None:
+        data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        self._parts_len = 0
         stream = self.stream
         assert stream is not None
-        data = bytes(event.data)
-        if event.message_finished and not self._parts:
-            stream.data_received(data)
-            return
-        self._parts.append(data)
-        self._parts_len += len(data)
-        if event.message_finished or self._parts_len >= RECV_LIMIT:
-            whole = b"".join(self._parts)
-            self._parts = []
-            self._parts_len = 0
-            stream.data_received(whole)
+        stream.data_received(data)
 
-    def _on_close(self, event: CloseConnection) -> None:
-        ws = self.ws
-        assert ws is not None and self.stream is not None
-        state = ws.state
-        if state is ConnectionState.OPEN:
-            # Raised by the frame parser, not sent by the peer: nothing more
-            # can be read, so the connection ends right after our close.
-            self._protocol_error(int(event.code), event.reason or "bad frame")
-            self._close_tcp()
-            return
-        if state is ConnectionState.REMOTE_CLOSING:
-            self._send_control(event.response())
-        code = int(event.code)
+    def _on_close(self, code: int | None, reason: bytes) -> None:
+        """The peer's close frame: answer it (unless it answers ours) and end."""
+        stream = self.stream
+        assert stream is not None
+        if not self._close_sent and not self.lost:
+            # Answer with the peer's code, as RFC 6455 suggests.
+            self._close_sent = True
+            self._out(close_frame(code, "", self.masked))
         if code in _EOF_CODES:
             self._clean_end = True
-            self.stream.eof_received()
+            stream.eof_received()
         else:
-            text = f"websocket closed by peer with code {code}" + (f": {event.reason}" if event.reason else "")
-            self.stream.terminated(_failure(ConnectionLost(text)))
+            text = f"websocket closed by peer with code {code or 1005}"
+            if reason:
+                text += ": " + reason.decode("utf-8", "replace")
+            stream.terminated(_failure(ConnectionLost(text)))
         self._close_tcp()
 
     def _protocol_error(self, code: int, text: str) -> None:
@@ -374,38 +449,33 @@ class _WsLink(Protocol):
         if stream is not None and not stream.disconnected:
             stream.terminated(_failure(ConnectionLost(f"websocket protocol error: {text}")))
 
-    def _send_control(self, event: Event) -> None:
-        ws = self.ws
-        if ws is None or self.lost:
+    def _send_control(self, data: bytes) -> None:
+        if self.lost or self._close_sent:
             return
-        try:
-            out = ws.send(event)
-        except LocalProtocolError:
-            return
-        self._write(out)
+        self._out(data)
 
     # -- for the stream --------------------------------------------------------------------------
     def send_data(self, data: bytes) -> None:
-        """Send ``data`` as binary messages of at most :data:`MAX_MESSAGE` bytes."""
-        ws = self.ws
-        if ws is None or self.lost or ws.state is not ConnectionState.OPEN:
+        """Send ``data`` as one binary message (several above :data:`MAX_MESSAGE` bytes)."""
+        if self.lost or self._close_sent or self.decoder is None or self.decoder.closed:
             return
-        send = ws.send
         if len(data) <= MAX_MESSAGE:
-            self._write(send(BytesMessage(data=data)))
+            self._out(frame(OP_BINARY, data, self.masked))
             return
         view = memoryview(data)
-        self._write(b"".join(
-            send(BytesMessage(data=bytes(view[i : i + MAX_MESSAGE]))) for i in range(0, len(data), MAX_MESSAGE)
+        masked = self.masked
+        self._out(b"".join(
+            frame(OP_BINARY, view[i : i + MAX_MESSAGE], masked) for i in range(0, len(data), MAX_MESSAGE)
         ))
 
-    def start_close(self, code: int, reason: str | None = None) -> None:
+    def start_close(self, code: int, reason: str = "") -> None:
         """Send our close frame; the TCP connection ends when the peer answers
         or after :data:`CLOSE_TIMEOUT` seconds."""
-        ws = self.ws
-        if ws is None or self.lost or ws.state is not ConnectionState.OPEN:
+        decoder = self.decoder
+        if self.lost or self._close_sent or decoder is None or decoder.closed:
             return
-        self._send_control(CloseConnection(code=code, reason=reason))
+        self._close_sent = True
+        self._out(close_frame(code, reason, self.masked))
         if self._close_timer is None:
             self._close_timer = self.reactor.callLater(CLOSE_TIMEOUT, self._close_expired)
 
@@ -505,52 +575,16 @@ class _Refusals:
 
 
 # -- server ----------------------------------------------------------------------------------------
-def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
-    """Lower-case comma-separated tokens of every ``name`` header."""
-    out: list[str] = []
-    for key, value in headers:
-        if key == name:
-            out.extend(t.strip().lower() for t in value.decode("latin-1").split(","))
-    return out
-
-
-def _check_upgrade(request: h11.Request) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
-    """Why ``request`` is not a valid WebSocket upgrade: (status, text, extra
-    headers), or None when it is."""
-    headers = list(request.headers)
-    upgrade_hint = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
-    if request.http_version != b"1.1":
-        return 426, f"websocket upgrade needs HTTP/1.1, got HTTP/{request.http_version.decode()}", upgrade_hint
-    if "upgrade" not in _tokens(headers, b"connection"):
-        return 426, "websocket upgrade needs the Connection header to contain Upgrade", upgrade_hint
-    if "websocket" not in _tokens(headers, b"upgrade"):
-        return 426, "websocket upgrade needs the Upgrade header to contain websocket", upgrade_hint
-    if request.method != b"GET":
-        return 405, f"websocket upgrade needs GET, got {request.method[:16].decode('latin-1')}", []
-    versions = [v for k, v in headers if k == b"sec-websocket-version"]
-    if versions != [b"13"]:
-        shown = b", ".join(versions)[:32].decode("latin-1")
-        return 400, f"unsupported websocket version {shown!r} (only 13)", [(b"Sec-WebSocket-Version", b"13")]
-    keys = [v for k, v in headers if k == b"sec-websocket-key"]
-    if len(keys) != 1:
-        return 400, f"websocket upgrade needs exactly one Sec-WebSocket-Key header, got {len(keys)}", []
-    try:
-        raw = base64.b64decode(keys[0].strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 16:
-        return 400, "Sec-WebSocket-Key is not 16 bytes in base64", []
-    return None
-
-
 class _ServerLink(_WsLink):
-    """The accepting end: checks the upgrade request, answers it, opens a member."""
+    """The accepting end: checks the upgrade request, answers it, opens a member.
+
+    A request head of the plain form is read by :func:`parse_request`; any
+    other goes to h11 (:attr:`http`), which reads it in full."""
 
     def __init__(self, pool: WsServerPool) -> None:
         super().__init__(pool.reactor)
         self.pool = pool
-        self.http = h11.Connection(h11.SERVER)
-        self._request: h11.Request | None = None
+        self._headers: HeaderList | None = None
         self._refused = False
         self._got_bytes = False
 
@@ -587,9 +621,28 @@ class _ServerLink(_WsLink):
         if self._refused:
             return
         self._got_bytes = True
+        super()._upgrade_data(data)
+
+    def _quick(self, head: bytes, rest: bytes) -> bool:
+        headers = parse_request(head)
+        if headers is None:
+            return False
+        problem = check_upgrade(b"GET", b"1.1", headers)
+        if problem is not None:
+            status, text, extra = problem
+            self._refuse(status, "bad upgrade", text, extra)
+        else:
+            self._accept(headers, rest)
+        return True
+
+    def _full_parse(self, data: bytes) -> None:
+        """Read the request with h11 (a head not of the plain form)."""
+        h11 = _h11()
         http = self.http
+        if http is None:
+            http = self.http = h11.Connection(h11.SERVER)
         http.receive_data(data)
-        while True:
+        while not self._refused and self.stream is None:
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError as exc:
@@ -599,17 +652,17 @@ class _ServerLink(_WsLink):
             if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
                 return
             if isinstance(event, h11.Request):
-                problem = _check_upgrade(event)
+                self._headers = list(event.headers)
+                problem = check_upgrade(event.method, event.http_version, self._headers)
                 if problem is not None:
                     status, text, extra = problem
                     self._refuse(status, "bad upgrade", text, extra)
                     return
-                self._request = event
-            elif isinstance(event, h11.EndOfMessage) and self._request is not None:
-                self._accept(self._request)
+            elif isinstance(event, h11.EndOfMessage) and self._headers is not None:
+                self._accept(self._headers, http.trailing_data[0])
                 return
 
-    def _accept(self, request: h11.Request) -> None:
+    def _accept(self, headers: HeaderList, rest: bytes) -> None:
         pool = self.pool
         if pool.closed:
             self._refuse(503, "pool closed", "pool closed")
@@ -623,25 +676,13 @@ class _ServerLink(_WsLink):
         if pool.full():
             self._refuse(503, "pool full", f"{pool.active} idle members", body="pool full")
             return
-        key = next(v for k, v in request.headers if k == b"sec-websocket-key").strip()
-        response = h11.InformationalResponse(
-            status_code=101,
-            reason=b"Switching Protocols",
-            headers=[
-                (b"Upgrade", b"websocket"),
-                (b"Connection", b"Upgrade"),
-                (b"Sec-WebSocket-Accept", generate_accept_token(key)),
-            ],
-        )
-        self._write(self.http.send(response) or b"")
-        trailing = self.http.trailing_data[0]
         pool._upgrading.discard(self)
-        self._open(Connection(ConnectionType.SERVER), PoolConnection(pool, True))
-        if trailing and not self.lost:
-            self._frames(trailing)
+        # The 101 leaves together with the ID message the member writes at once.
+        self._prefix = switching_protocols(request_key(headers))
+        self._open(PoolConnection(pool, True), rest)
 
     def _refuse(self, status: int, reason: str, detail: str,
-                extra: list[tuple[bytes, bytes]] | None = None, body: str | None = None) -> None:
+                extra: HeaderList | None = None, body: str | None = None) -> None:
         """Answer an HTTP error, count and log it, and close."""
         self._refused = True
         self.pool._upgrading.discard(self)
@@ -654,17 +695,7 @@ class _ServerLink(_WsLink):
             (b"Content-Length", str(len(text)).encode()),
             *(extra or []),
         ]
-        phrase = HTTPStatus(status).phrase.encode()
-        try:
-            out = self.http.send(h11.Response(status_code=status, reason=phrase, headers=headers)) or b""
-            out += self.http.send(h11.Data(data=text)) or b""
-            out += self.http.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            # h11 cannot answer in its state (e.g. after a parse error):
-            # write a minimal response by hand.
-            head = f"HTTP/1.1 {status} {phrase.decode()}\r\n".encode()
-            out = head + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + text
-        self._write(out)
+        self._write(http_error(status, HTTPStatus(status).phrase, headers, text))
         t: Any = self.transport
         if t is not None and not self.lost:
             t.loseConnection()
@@ -745,14 +776,19 @@ class WsServerPool(ServerPoolBase):
 
 # -- client ----------------------------------------------------------------------------------------
 class _ClientLink(_WsLink):
-    """The dialling end of one member: sends the upgrade, checks the answer."""
+    """The dialling end of one member: sends the upgrade, checks the answer.
+
+    A 101 of the plain form is read by :func:`parse_response`; any other
+    answer (a refusal with its body, or an odd head) goes to h11."""
+
+    masked = True
 
     def __init__(self, pool: WsClientPool, member: PoolConnection, failed: Callable[[str], None]) -> None:
         super().__init__(pool.reactor)
         self.pool = pool
         self.member = member
         self.failed = failed
-        self.client = WSConnection(ConnectionType.CLIENT)
+        self._accept = b""
         self._reject_status = 0
         self._reject_body = b""
 
@@ -763,9 +799,8 @@ class _ClientLink(_WsLink):
             self._fail("pool closed")
             return
         pool._links.add(self)
-        set_keepalive(self.transport, pool.keepalive)
-        request = Request(host=pool.host_header, target="/", extra_headers=[(b"User-Agent", _USER_AGENT)])
-        self._write(self.client.send(request))
+        request, self._accept = pool.request.new()
+        self._write(request)
         self._timer = self.reactor.callLater(DIAL_BUDGET, self._expired)
 
     def _expired(self) -> None:
@@ -782,34 +817,53 @@ class _ClientLink(_WsLink):
         self.abort()
 
     def _upgrade_data(self, data: bytes) -> None:
-        if self._failed:
+        if not self._failed:
+            super()._upgrade_data(data)
+
+    def _quick(self, head: bytes, rest: bytes) -> bool:
+        answer = parse_response(head)
+        if answer is None or answer[0] != 101:
+            return False
+        self._switched(answer[1], rest)
+        return True
+
+    def _switched(self, headers: HeaderList, rest: bytes) -> None:
+        """The server answered 101: check it and open the member."""
+        problem = check_answer(headers, self._accept)
+        if problem is not None:
+            self._fail(f"websocket upgrade: bad answer: {problem}")
             return
-        try:
-            self.client.receive_data(data)
-        except RemoteProtocolError as exc:
-            self._fail(f"websocket upgrade: bad answer: {exc}")
-            return
-        for event in self.client.events():
-            if self.stream is not None:
-                self._frame_event(event)
-                continue
-            if isinstance(event, AcceptConnection):
-                if event.extensions or event.subprotocol:
-                    self._fail("websocket upgrade: the server chose an extension or subprotocol we did not offer")
+        self.pool._links.discard(self)
+        self._open(self.member, rest)
+
+    def _full_parse(self, data: bytes) -> None:
+        """Read the answer with h11: a refusal (status and body) or an odd 101."""
+        h11 = _h11()
+        http = self.http
+        if http is None:
+            http = self.http = h11.Connection(h11.CLIENT)
+            http.send(h11.Request(method="GET", target="/", headers=[
+                ("Host", self.pool.host_header), ("Connection", "Upgrade"), ("Upgrade", "websocket")]))
+            http.send(h11.EndOfMessage())
+        http.receive_data(data)
+        while not self._failed and self.stream is None:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(f"websocket upgrade: bad answer: {exc}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    self._switched(list(event.headers), http.trailing_data[0])
                     return
-                self.pool._links.discard(self)
-                self._open(self.client, self.member)
-            elif isinstance(event, RejectConnection):
+            elif isinstance(event, h11.Response):
                 self._reject_status = event.status_code
-                if not event.has_body:
-                    self._rejected()
-                    return
-            elif isinstance(event, RejectData):
+            elif isinstance(event, h11.Data):
                 self._reject_body = (self._reject_body + event.data)[:256]
-                if event.body_finished:
-                    self._rejected()
-                    return
-            if self._failed:
+            elif isinstance(event, h11.EndOfMessage):
+                self._rejected()
                 return
 
     def _rejected(self) -> None:
@@ -863,6 +917,8 @@ class WsClientPool(ClientPoolBase):
         self.scheme, ssl_context, server_hostname = ws_target(tls_code, host, port)
         #: Host header: the URL host without port (IPv6 in brackets).
         self.host_header = f"[{host}]" if ":" in host else host
+        #: The upgrade request, built once (only the key changes).
+        self.request = UpgradeRequest(self.host_header, _USER_AGENT)
         self.dialer = Dialer(reactor, host, port, dial_timeout, ssl_context, server_hostname, connect)
         self._links: set[_ClientLink] = set()
         logger.debug("WebSocket pool: %s://%s:%d/", self.scheme, self.host_header, port)
