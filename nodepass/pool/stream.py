@@ -1,8 +1,8 @@
 """A pool member carried inside another connection, presented as a Twisted transport.
 
 QUIC streams (type 1), WebSockets (type 2) and HTTP/2 streams (type 3) are
-byte pipes inside a connection that a transport module drives (aioquic, wsproto
-or h2 glue).  :class:`StreamTransport` turns one such pipe into an ordinary
+byte pipes inside a connection that a transport module drives (aioquic, our own
+WebSocket framing or h2 glue).  :class:`StreamTransport` turns one such pipe into an ordinary
 Twisted transport, so that a :class:`~nodepass.pool.base.PoolConnection` runs
 on it exactly as it runs on a TCP socket:
 
@@ -31,7 +31,10 @@ control, :meth:`_consumed`); it reports what happens on the pipe with
 :meth:`data_received`, :meth:`eof_received`, :meth:`terminated` and
 :meth:`drained`.  It must not merge two receptions into one
 :meth:`data_received` call: a UDP datagram carried over a member is one write
-on one side and one read on the other.
+on one side and one read on the other.  (A transport module may offer a
+``bufferSize`` attribute, as the WebSocket stream does: until a reader sets
+it, which a UDP session does first, the module may hand over what one read
+of its carrying connection brought as one chunk, as a TCP member does.)
 """
 
 from __future__ import annotations
