@@ -32,8 +32,7 @@ setup(
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
         "prometheus-client>=0.20",
-        # WebSocket pool (type=2), imported only when that type is used.
-        "wsproto>=1.2",
+        # WebSocket pool (type=2): unusual upgrade heads, imported only when one arrives.
         "h11>=0.14",
     ],
     extras_require={
@@ -41,6 +40,8 @@ setup(
             "hypothesis>=6.100",
             "schemathesis>=4.32,<5",
             "openapi-spec-validator>=0.7",
+            # Independent WebSocket implementation the pool's frames are checked against.
+            "wsproto>=1.2",
         ],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
     },
