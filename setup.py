@@ -31,6 +31,7 @@ setup(
         "zope.interface>=6.0",
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
+        "h2>=4.1",
     ],
     extras_require={
         "test": [
