@@ -669,6 +669,19 @@ class RefusalTests(Case):
         self.net.flush()
         self.assertEqual(got, [b"still fine"])
 
+    def test_frame_larger_than_allowed_closes_at_once(self) -> None:
+        server = self.make_server()
+
+        class Huge(Protocol):
+            def connectionMade(self) -> None:
+                # The preface, then a SETTINGS frame header announcing 16 MiB - 1.
+                self.transport.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x04\x00\x00\x00\x00\x00")  # type: ignore[union-attr]
+
+        self.net.connect(raw_client_factory(self.clock, Huge), server.factory())
+        self.net.flush()
+        self.assertEqual(server.refused["connection"], 1)
+        self.assertEqual(server.connection_count(), 0)
+
     def test_plain_tcp_client_counted_as_tls_failure(self) -> None:
         server = self.make_server()
 
