@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
 from nodepass.relay.tls import TLSFactory
 
-__all__ = ["TcpServerPool", "TcpClientPool"]
+__all__ = ["TcpServerPool", "TcpClientPool", "DialFactory"]
 
 
 class _MemberFactory(Factory):
@@ -53,17 +53,19 @@ class TcpServerPool(ServerPoolBase):
         return self._factory  # type: ignore[no-any-return]
 
 
-class _DialFactory(ClientFactory):
-    """Connects one dial attempt to its member."""
+class DialFactory(ClientFactory):
+    """Connects one dial attempt to its protocol (a member, or a connection
+    that carries members); ``done`` is called once the dial has an outcome,
+    ``failed`` with the reason when it failed."""
 
-    noisy = False  # one factory per member: no "Starting factory" log lines
+    noisy = False  # one factory per dial: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
+    def __init__(self, conn: Protocol, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
         self.conn = conn
         self.failed = failed
         self.done = done
 
-    def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         self.done()
         return self.conn
 
@@ -110,7 +112,7 @@ class TcpClientPool(ClientPoolBase):
         def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        factory: Any = _DialFactory(conn, dial_failed, done)
+        factory: Any = DialFactory(conn, dial_failed, done)
         if self.ssl_context is not None:
             factory = TLSFactory(self.ssl_context, False, factory, self.server_hostname)
         if self._connect is not None:
