@@ -39,6 +39,7 @@ from nodepass.pool.h2 import (
 from nodepass.relay import RelayProtocol
 from nodepass.tls import client_connection_creator, server_tls
 from tests.support import recording_logger
+from tests.test_pool_stream import _Producer
 
 SERVER_ADDR = IPv4Address("TCP", "127.0.0.1", 10101)
 KEEPALIVE = 5.0
@@ -339,20 +340,6 @@ class StreamLimitTests(Case):
         self.assertEqual(got, [b"a" * 10, b"b" * 1400, b"c"])
 
 
-class _Producer:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.events.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.events.append("resume")
-
-    def stopProducing(self) -> None:
-        self.events.append("stop")
-
-
 class FlowControlTests(Case):
     def check_backpressure(self, writer: PoolConnection, reader: PoolConnection, window: int) -> None:
         got = sink(reader)
@@ -491,6 +478,17 @@ class KeepaliveTests(Case):
         server, client = self.pair()
         (proto,) = client._connections
         self.net.advance(KEEPALIVE * 5)
+        self.assertFalse(proto.lost)
+        self.assertEqual(proto._unacked, 0)
+
+    def test_late_answers_on_a_busy_connection_are_not_missed(self) -> None:
+        server, client = self.pair()
+        (proto,) = client._connections
+        ct, st = self.net.wires[0]
+        st.black_hole = True  # no PING answer comes back...
+        for _ in range(6):
+            self.clock.advance(KEEPALIVE)
+            proto.heard = True  # ...but other bytes keep arriving in every interval
         self.assertFalse(proto.lost)
         self.assertEqual(proto._unacked, 0)
 

@@ -52,8 +52,9 @@ its whole life: the client counts the streams it opened on a connection and
 dials a new one when that count reaches the server's limit (the old one
 stays for its members and closes once they are gone); a stream that gets
 no response within the ID timeout marks its connection exhausted too.  A
-PING goes out every report interval on every connection; three unanswered
-in a row close it (its members end, the next refill round dials anew).
+PING goes out every report interval on every connection; three intervals
+in a row without its answer (or any other byte from the server) close it
+(its members end, the next refill round dials anew).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -82,6 +83,7 @@ from nodepass.log import NodePassLogger
 from nodepass.net import addr_text
 from nodepass.pool.base import ID_READ_TIMEOUT, ClientPoolBase, PoolConnection, ServerPoolBase
 from nodepass.pool.stream import StreamTransport
+from nodepass.pool.tcp import DialFactory
 from nodepass.relay import set_keepalive, set_nodelay
 
 __all__ = [
@@ -246,6 +248,8 @@ class _H2Connection(Protocol):
         self._blocked: dict[int, _Stream] = {}
         self._batch = False
         self._write_paused = False
+        #: Bytes arrived since the last keepalive tick.
+        self.heard = False
         #: Received bytes not yet given to h2, how many there are, how many
         #: are needed before feeding, and the client preface still ahead.
         self._rx: list[bytes] = []
@@ -340,8 +344,9 @@ class _H2Connection(Protocol):
         h2 re-parses its buffer and copies it on every call; a large DATA
         frame arrives in several TLS records, so the records are kept here
         until the frame they belong to is complete."""
-        if self.h2 is None or self.lost:
-            return
+        if self.h2 is None or self.lost or self.going_away:
+            return  # after a GOAWAY h2 takes no more frames
+        self.heard = True
         self._rx.append(data)
         self._rx_len += len(data)
         if self._rx_len < self._rx_need:
@@ -927,7 +932,9 @@ class _H2ClientConnection(_H2Connection):
         self.dead = False
         self._waiting: list[tuple[PoolConnection, Callable[[str], None]]] = []
         self._ping_timer: Any = None
+        #: Intervals in a row with a PING out and nothing received.
         self._unacked = 0
+        self._ping_out = False
         self.failure = ""
         self.setup_timeout = max(pool.dial_timeout, 5.0)
 
@@ -1055,6 +1062,11 @@ class _H2ClientConnection(_H2Connection):
         conn = self.h2
         if conn is None or self.lost or self.going_away:
             return
+        if self._ping_out:
+            # A connection busy with data may answer late: only an interval
+            # in which nothing at all arrived counts as missed.
+            self._unacked = 0 if self.heard else self._unacked + 1
+        self.heard = False
         if self._unacked >= MISSED_PINGS:
             self.dead = True
             self.logger.warn(
@@ -1066,11 +1078,12 @@ class _H2ClientConnection(_H2Connection):
             conn.ping(os.urandom(8))
         except h2.exceptions.ProtocolError:
             return
-        self._unacked += 1
+        self._ping_out = True
         self._flush()
         self._schedule_ping()
 
     def _on_ping_ack(self, ev: h2.events.PingAckReceived) -> None:
+        self._ping_out = False
         self._unacked = 0
 
     def _connection_gone(self, reason: Failure) -> None:
@@ -1081,22 +1094,6 @@ class _H2ClientConnection(_H2Connection):
             self.failure = f"HTTP/2 connection to {self.peer} closed: {reason.getErrorMessage()}"
         self._fail_waiting(self.failure)
         self.pool._connection_gone(self)
-
-
-class _DialFactory(ClientFactory):
-    """Connects one dial to its HTTP/2 connection protocol."""
-
-    noisy = False
-
-    def __init__(self, proto: _H2ClientConnection, failed: Callable[[Failure], None]) -> None:
-        self.proto = proto
-        self.failed = failed
-
-    def buildProtocol(self, addr: Any) -> _H2ClientConnection:
-        return self.proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.failed(reason)
 
 
 class H2ClientPool(ClientPoolBase):
@@ -1171,7 +1168,7 @@ class H2ClientPool(ClientPoolBase):
             proto._fail_waiting(proto.failure)
             self._connection_gone(proto)
 
-        factory = TLSMemoryBIOFactory(self.tls_creator, True, _DialFactory(proto, dial_failed), clock=self.reactor)
+        factory = TLSMemoryBIOFactory(self.tls_creator, True, DialFactory(proto, dial_failed), clock=self.reactor)
         if self._connect is not None:
             self._connect(factory)
         else:
