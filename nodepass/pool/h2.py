@@ -1160,15 +1160,18 @@ class H2ClientPool(ClientPoolBase):
         self.dialed += 1
         connectors: list[Any] = []
 
-        def dial_failed(reason: Failure) -> None:
+        def done() -> None:
             for connector in connectors:
                 self._connectors.discard(connector)
+
+        def dial_failed(reason: Failure) -> None:
             proto.failure = f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}"
             proto.lost = True
             proto._fail_waiting(proto.failure)
             self._connection_gone(proto)
 
-        factory = TLSMemoryBIOFactory(self.tls_creator, True, DialFactory(proto, dial_failed), clock=self.reactor)
+        dial = DialFactory(proto, dial_failed, done)
+        factory = TLSMemoryBIOFactory(self.tls_creator, True, dial, clock=self.reactor)
         if self._connect is not None:
             self._connect(factory)
         else:
