@@ -13,33 +13,20 @@ streams over time (a Go server never frees an answered stream).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
 
-from tests.goharness import Peer, TunnelPair, echo_once, exercise, probe, record, skip_unless_go
+from tests.goharness import TunnelPair, echo_once, exercise, probe, record
 from tests.support import reactor
+from tests.test_interop_go import VERIFIED, gather
+from tests.test_interop_go import InteropCase as GoInteropCase
 
-VERIFIED = re.compile(r"TLS certificate fingerprint verified: (sha256:[0-9A-F:]+)")
 POOL = 150  # idle members asked for: above h2's default limit of 100 streams
 
 
-def gather(ds: list[defer.Deferred[Any]]) -> defer.Deferred[list[Any]]:
-    """All results of *ds*; the first failure is raised as itself."""
-    return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
-
-
-class InteropCase(TestCase):
+class InteropCase(GoInteropCase):
     timeout = 240
-
-    def setUp(self) -> None:
-        skip_unless_go()
-
-    def assertHealthy(self, peer: Peer) -> None:
-        self.assertTrue(peer.alive, f"{peer.describe()} ended:\n{peer.tail()}")
-        self.assertEqual(peer.grep("Traceback"), [], f"{peer.describe()} printed a traceback:\n{peer.tail()}")
 
     def pairs(self, server: str, client: str) -> list[TunnelPair]:
         """Reverse flow with our end as a process, forward flow with our end in this process.
