@@ -35,6 +35,8 @@ setup(
         # WebSocket pool (type=2), imported only when that type is used.
         "wsproto>=1.2",
         "h11>=0.14",
+        # HTTP/2 pool (type=3), imported only when that type is used.
+        "h2>=4.1",
     ],
     extras_require={
         "test": [

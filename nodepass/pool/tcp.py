@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
 from nodepass.relay.tls import TLSFactory
 
-__all__ = ["TcpServerPool", "TcpClientPool", "Dialer"]
+__all__ = ["TcpServerPool", "TcpClientPool", "Dialer", "DialFactory"]
 
 
 class _MemberFactory(Factory):
@@ -109,19 +109,28 @@ def _connecting(connector: Any) -> bool:
     return getattr(connector, "state", "") == "connecting"
 
 
-class _DialFactory(ClientFactory):
-    """Connects one dial attempt to its member."""
+class DialFactory(ClientFactory):
+    """Connects one dial attempt to its protocol (a member, or a connection
+    that carries members); ``failed`` is called with the reason when the dial
+    failed, and ``done`` (when given) once the dial has an outcome."""
 
-    noisy = False  # one factory per member: no "Starting factory" log lines
+    noisy = False  # one factory per dial: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None]) -> None:
+    def __init__(
+        self, conn: Protocol, failed: Callable[[Failure], None], done: Callable[[], None] | None = None
+    ) -> None:
         self.conn = conn
         self.failed = failed
+        self.done = done
 
-    def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        if self.done is not None:
+            self.done()
         return self.conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if self.done is not None:
+            self.done()
         self.failed(reason)
 
 
@@ -153,7 +162,7 @@ class TcpClientPool(ClientPoolBase):
         def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        self.dialer.dial(_DialFactory(conn, dial_failed))
+        self.dialer.dial(DialFactory(conn, dial_failed))
 
     def _close_transport(self) -> None:
         self.dialer.stop()

@@ -619,8 +619,13 @@ class ServerSession(DualEndSession):
         for p in pending:
             # Go closes the HTTP server: every other handshake connection ends.
             self.reactor.callLater(0, p.close)
-        self.reactor.callLater(0, self._handshake_done.callback, None)
+        self.reactor.callLater(0, self._handshake_finished)
         return config
+
+    def _handshake_finished(self) -> None:
+        # stop() may have fired it in the meantime.
+        if not self._handshake_done.called:
+            self._handshake_done.callback(None)
 
     def stop(self, *, everything: bool = False) -> defer.Deferred[Any]:
         for p in list(self._handshakes):
