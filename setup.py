@@ -31,6 +31,7 @@ setup(
         "zope.interface>=6.0",
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
+        "aioquic>=1.2,<2",
     ],
     extras_require={
         "test": [
