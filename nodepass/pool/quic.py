@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +80,7 @@ from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
@@ -111,6 +113,13 @@ CONN_WINDOW = 16 << 20
 MAX_LINKS = 256
 #: aioquic's own stream limit; the pool's ``max`` raises it.
 AIOQUIC_STREAMS = 128
+#: QUIC versions spoken (v1 first, as peers dial it).
+VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
+
+
+# aioquic reports peers' protocol errors through the standard logging module;
+# without a handler they would reach stderr.  What matters is logged here.
+logging.getLogger("quic").addHandler(logging.NullHandler())
 
 
 def _failure(exc: BaseException) -> Failure:
@@ -197,7 +206,9 @@ class _FlowConnection(QuicConnection):
 
 
 # -- configurations ------------------------------------------------------------------------------
-def server_configuration(tls: Any, idle_timeout: float) -> QuicConfiguration:
+def server_configuration(
+    tls: Any, idle_timeout: float, *, stream_window: int = STREAM_WINDOW, conn_window: int = CONN_WINDOW
+) -> QuicConfiguration:
     """The server configuration presenting ``tls``'s current certificate (a ServerTLS)."""
     crt, key = tls.pem()
     certs = load_pem_x509_certificates(crt)
@@ -205,8 +216,8 @@ def server_configuration(tls: Any, idle_timeout: float) -> QuicConfiguration:
         is_client=False,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
-        max_data=CONN_WINDOW,
-        max_stream_data=STREAM_WINDOW,
+        max_data=conn_window,
+        max_stream_data=stream_window,
     )
     cfg.certificate = certs[0]
     cfg.certificate_chain = certs[1:]
@@ -214,7 +225,14 @@ def server_configuration(tls: Any, idle_timeout: float) -> QuicConfiguration:
     return cfg
 
 
-def client_configuration(tls_code: int, server_name: str, idle_timeout: float) -> QuicConfiguration:
+def client_configuration(
+    tls_code: int,
+    server_name: str,
+    idle_timeout: float,
+    *,
+    stream_window: int = STREAM_WINDOW,
+    conn_window: int = CONN_WINDOW,
+) -> QuicConfiguration:
     """The client configuration for a tls code: 2 verifies ``server_name`` (trust
     store: ``SSL_CERT_FILE`` when set, else the platform's), anything else does
     not verify and sends no SNI."""
@@ -222,8 +240,8 @@ def client_configuration(tls_code: int, server_name: str, idle_timeout: float) -
         is_client=True,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
-        max_data=CONN_WINDOW,
-        max_stream_data=STREAM_WINDOW,
+        max_data=conn_window,
+        max_stream_data=stream_window,
     )
     if tls_code == 2:
         cfg.verify_mode = ssl.CERT_REQUIRED
@@ -367,6 +385,8 @@ class QuicLink:
         self.ready = False
         self.closed = False
         self.close_reason = ""
+        #: False: peer streams are refused (a connection about to be closed).
+        self.accept_streams = True
         self.members_opened = 0
         self._done: set[int] = set()
         self._timer: Any = None
@@ -445,6 +465,7 @@ class QuicLink:
                 or stream_is_unidirectional(stream_id)
                 or stream_is_client_initiated(stream_id) == self.conn._is_client
                 or self.closed
+                or not self.accept_streams
             ):
                 self._refuse(stream_id, data)
                 return
@@ -491,7 +512,7 @@ class QuicLink:
         if t is None:
             return
         t.send_done = True
-        t.terminated(_failure(ConnectionLost("peer stopped reading the stream")))
+        t.terminated(_failure(ConnectionLost("stream stopped by peer (STOP_SENDING)")))
         self.maybe_forget(t)
 
     def _handshake_completed(self) -> None:
@@ -714,6 +735,10 @@ class QuicServerPool(ServerPoolBase):
     """Accepts QUIC connections on the UDP side of the tunnel port; their
     streams are the pool's members."""
 
+    #: Receive windows of new connections (see the module docstring).
+    stream_window = STREAM_WINDOW
+    conn_window = CONN_WINDOW
+
     def __init__(self, reactor: Any, logger: NodePassLogger, *, host: str = "", port: int = 0, **kwargs: Any) -> None:
         super().__init__(reactor, logger, **kwargs)
         self.host = host
@@ -730,9 +755,19 @@ class QuicServerPool(ServerPoolBase):
 
     @classmethod
     def probe(cls, reactor: Any, host: str, port: int) -> None:
-        """Bind and release the UDP side of the tunnel port (raises CannotListenError)."""
-        udp = listen_any(lambda interface: reactor.listenUDP(port, DatagramProtocol(), interface=interface), host)
-        udp.stopListening()
+        """Check that the UDP side of the tunnel port can be bound (raises
+        CannotListenError); the socket is released before this returns."""
+
+        def bind(interface: str) -> None:
+            sock = socket.socket(socket.AF_INET6 if ":" in interface else socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((interface, port))
+            except OSError as exc:
+                raise CannotListenError(interface, port, exc) from None  # type: ignore[no-untyped-call]
+            finally:
+                sock.close()
+
+        listen_any(bind, host)
 
     def start(self) -> None:
         if self.udp_port is not None or self.closed:
@@ -745,7 +780,9 @@ class QuicServerPool(ServerPoolBase):
     def _configuration(self) -> QuicConfiguration:
         pem = self.tls.pem()
         if self._config is None or pem != self._config_pem:
-            self._config = server_configuration(self.tls, self.idle_timeout)
+            self._config = server_configuration(
+                self.tls, self.idle_timeout, stream_window=self.stream_window, conn_window=self.conn_window
+            )
             self._config_pem = pem
         return self._config
 
@@ -762,18 +799,17 @@ class QuicServerPool(ServerPoolBase):
         except ValueError:
             self.dropped.add("not a QUIC packet", source)
             return
-        cfg = self._configuration()
         if (
             header.packet_type != QuicPacketType.VERSION_NEGOTIATION
             and header.version is not None
-            and header.version not in cfg.supported_versions
+            and header.version not in VERSIONS
         ):
             if len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
                 self._send(
                     encode_quic_version_negotiation(
                         source_cid=header.destination_cid,
                         destination_cid=header.source_cid,
-                        supported_versions=cfg.supported_versions,
+                        supported_versions=VERSIONS,
                     ),
                     addr,
                 )
@@ -786,9 +822,9 @@ class QuicServerPool(ServerPoolBase):
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
             self.dropped.add("packet for no known connection", source)
             return
-        self._accept(header.destination_cid, data, addr, source, cfg)
+        self._accept(header.destination_cid, data, addr, source)
 
-    def _accept(self, dcid: bytes, data: bytes, addr: Any, source: str, cfg: QuicConfiguration) -> None:
+    def _accept(self, dcid: bytes, data: bytes, addr: Any, source: str) -> None:
         if self.closed:
             self.dropped.add("pool closed", source)
             return
@@ -796,7 +832,7 @@ class QuicServerPool(ServerPoolBase):
             self.refused.add(f"more than {MAX_LINKS} connections", source)
             return
         conn = _FlowConnection(
-            configuration=cfg, original_destination_connection_id=dcid, max_streams=self.max_cap
+            configuration=self._configuration(), original_destination_connection_id=dcid, max_streams=self.max_cap
         )
         host = self.udp_port.getHost()
         link = QuicLink(
@@ -811,6 +847,10 @@ class QuicServerPool(ServerPoolBase):
             on_cid=self._cid,
             on_closed=self._closed_link,
         )
+        # Streams of a connection from another IP are refused from the start;
+        # the connection is closed once its handshake completed (the close
+        # can carry its reason only then).
+        link.accept_streams = self.client_allowed(str(addr[0]))
         self.links[dcid] = link
         self.links[conn.host_cid] = link
         self._all.add(link)
@@ -831,8 +871,7 @@ class QuicServerPool(ServerPoolBase):
 
     # -- connection events -----------------------------------------------------------------------------
     def _ready(self, link: QuicLink) -> None:
-        host = str(link.peer_addr[0])
-        if not self.client_allowed(host):
+        if not link.accept_streams:
             self.refused.add(f"unauthorized IP (the handshaken client is {self.client_ip})", link.text)
             link.close("unauthorized IP")
             return
@@ -888,6 +927,10 @@ class QuicClientPool(ClientPoolBase):
     streams it cannot take); a replaced connection stays up while it carries
     members and is closed once the last one ends.
     """
+
+    #: Receive windows of new connections (see the module docstring).
+    stream_window = STREAM_WINDOW
+    conn_window = CONN_WINDOW
 
     def __init__(
         self,
@@ -963,7 +1006,13 @@ class QuicClientPool(ClientPoolBase):
             self._dial_failed(f"listen udp: {exc}")
             return
         addr = (ip, self.port)
-        cfg = client_configuration(self.tls_code, self.server_name, self.idle_timeout)
+        cfg = client_configuration(
+            self.tls_code,
+            self.server_name,
+            self.idle_timeout,
+            stream_window=self.stream_window,
+            conn_window=self.conn_window,
+        )
         conn = _FlowConnection(configuration=cfg, max_streams=self.max_cap)
         local = udp.getHost()
         link = QuicLink(
