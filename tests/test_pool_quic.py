@@ -307,6 +307,26 @@ class QuicPoolTests(unittest.TestCase):
         self.assertNotIn(sid, self._link(server).conn._streams)
         self.assertNotIn(sid, link.conn._streams)
 
+    def test_writes_that_fit_a_packet_arrive_whole(self) -> None:
+        # Several members write datagram-sized chunks at once: each write is
+        # one reception on the other side (UDP over a member relies on it).
+        server = self._server()
+        client = self._client(min_cap=8)
+        self._ready(server, client, 8)
+        pairs = [self._take(server, client) for _ in range(6)]
+        received: list[list[bytes]] = []
+        sizes = [1, 700, 1100, 300, 1000, 64]
+        for s, _c in pairs:
+            got: list[bytes] = []
+            received.append(got)
+            s.set_sink(got.append)
+        for size in sizes:
+            for _s, c in pairs:
+                c.transport.write(os.urandom(size))  # type: ignore[union-attr]
+        self.net.run(0.5)
+        for got in received:
+            self.assertEqual([len(b) for b in got], sizes)
+
     # -- flow control -------------------------------------------------------------------------------------
     def test_paused_reader_bounds_memory_and_slows_the_writer(self) -> None:
         server = self._server()

@@ -56,6 +56,7 @@ import logging
 import os
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,10 @@ CONN_WINDOW = 16 << 20
 MAX_LINKS = 256
 #: aioquic's own stream limit; the pool's ``max`` raises it.
 AIOQUIC_STREAMS = 128
+#: Bytes of a 1-RTT packet that are not stream data (header, AEAD tag, ACK
+#: room) and of a STREAM frame header, for the "keep a write whole" rule.
+PACKET_OVERHEAD = 64
+FRAME_OVERHEAD = 20
 #: QUIC versions spoken (v1 first, as peers dial it).
 VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
 
@@ -147,9 +152,45 @@ class _FlowConnection(QuicConnection):
         self.conn_window = self._configuration.max_data
         self.unconsumed = 0
         self.consumed_by_stream: dict[int, int] = {}
+        #: Per stream, (start, end) offsets of recent writes small enough for one packet.
+        self.write_marks: dict[int, deque[tuple[int, int]]] = {}
+        self.whole_limit = self._configuration.max_datagram_size - PACKET_OVERHEAD
         # aioquic has no setting for the peer's bidirectional stream limit; it is
         # sent in the transport parameters of the first flight.
         self._local_max_streams_bidi.value = max(AIOQUIC_STREAMS, max_streams)
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        if 0 < len(data) <= self.whole_limit:
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                stop = stream.sender._buffer_stop
+                self.write_marks.setdefault(stream_id, deque()).append((stop - len(data), stop))
+
+    def _write_stream_frame(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream, max_offset: int
+    ) -> int:
+        # A write that fits in one packet is sent as a frame of its own and
+        # not split across two packets: when the rest of the current packet
+        # cannot take it, it goes first in the next one.  The peer then reads
+        # it as one piece (a UDP datagram carried on a member arrives whole).
+        marks = self.write_marks.get(stream.stream_id or 0)
+        if marks:
+            start = stream.sender.next_offset
+            while marks and marks[0][1] <= start:
+                marks.popleft()
+            if marks:
+                first, stop = marks[0]
+                if first <= start:
+                    max_offset = min(max_offset, stop)
+                    if (
+                        not builder.packet_is_empty
+                        and max_offset - start + FRAME_OVERHEAD > builder.remaining_flight_space
+                    ):
+                        return 0
+                else:
+                    max_offset = min(max_offset, first)
+        return super()._write_stream_frame(builder, space, stream, max_offset)
 
     def consumed(self, stream_id: int, nbytes: int) -> bool:
         """Record consumption; True when a credit update is now due."""
@@ -171,6 +212,7 @@ class _FlowConnection(QuicConnection):
 
     def forget(self, stream_id: int) -> None:
         self.consumed_by_stream.pop(stream_id, None)
+        self.write_marks.pop(stream_id, None)
 
     # Overrides of aioquic's credit rules.
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
