@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicProtocolVersion
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -25,7 +24,7 @@ from zope.interface import implementer
 
 from nodepass.pool import CONTROL_ID, client_pool, probe_server_port, server_pool
 from nodepass.pool.base import PoolConnection
-from nodepass.pool.quic import ALPN, QuicClientPool, QuicLink, QuicServerPool
+from nodepass.pool.quic import ALPN, QuicClientPool, QuicLink, QuicServerPool, _FlowConnection
 from nodepass.relay import RelayProtocol
 from nodepass.tls import server_tls
 from tests.support import free_port, make_cert_files, new_dir, recording_logger
@@ -456,23 +455,40 @@ class QuicPoolTests(unittest.TestCase):
         self._ready(server, client, 2)
         self.assertEqual(server.refused.total, 0)
 
-    def test_wrong_alpn_is_refused(self) -> None:
-        server = self._server()
-        cfg = QuicConfiguration(is_client=True, alpn_protocols=["h3"])
+    def _raw_client(self, alpn: str = ALPN, keepalive: float = 5.0) -> tuple[QuicLink, list[str]]:
+        """A bare QUIC connection to the server (our glue, no pool, no streams)."""
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=[alpn], idle_timeout=3 * keepalive)
         cfg.verify_mode = 0
-        conn = QuicConnection(configuration=cfg)
+        conn = _FlowConnection(configuration=cfg, max_streams=128)
         closed: list[str] = []
-        link = QuicLink(self.net, conn, peer_addr=("127.0.0.1", SERVER_PORT), host=IPv4Address("UDP", "127.0.0.1", 1),
-                        send=lambda d, a: port.write(d, a), keepalive=5.0,
-                        on_closed=lambda _l, reason: closed.append(reason))  # type: ignore[arg-type]
 
         class Proto(DatagramProtocol):
             def datagramReceived(self, data: bytes, addr: Any) -> None:
                 link.datagram_received(data, addr)
 
         port = self.net.listenUDP(0, Proto())
+        link = QuicLink(self.net, conn, peer_addr=("127.0.0.1", SERVER_PORT), host=IPv4Address("UDP", "127.0.0.1", 1),
+                        send=port.write, keepalive=keepalive,
+                        on_closed=lambda _l, reason: closed.append(reason))
         conn.connect(("127.0.0.1", SERVER_PORT), now=self.net.seconds())
         link.transmit()
+        return link, closed
+
+    def test_connection_without_members_is_closed(self) -> None:
+        # What a Go client leaves behind after a failed stream: a live
+        # connection it never uses again.
+        server = self._server(keepalive=1.0)
+        link, closed = self._raw_client(keepalive=1.0)
+        self.net.run(0.5)
+        self.assertTrue(link.ready)
+        self.assertEqual(server.connections, 1)
+        self.net.run(5.0, step=0.01)
+        self.assertEqual(closed, ["no members"])
+        self.assertEqual(server.connections, 0)
+
+    def test_wrong_alpn_is_refused(self) -> None:
+        server = self._server()
+        link, closed = self._raw_client(alpn="h3")
         self.net.run(1.0)
         self.assertTrue(closed)
         self.assertFalse(link.ready)

@@ -409,6 +409,7 @@ class QuicLink:
         on_stream: Callable[[QuicStreamTransport], None] | None = None,
         on_cid: Callable[[QuicLink, bytes, bool], None] | None = None,
         on_closed: Callable[[QuicLink, str], None] | None = None,
+        on_tick: Callable[[QuicLink], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.conn = conn
@@ -422,6 +423,9 @@ class QuicLink:
         self.on_stream = on_stream
         self.on_cid = on_cid
         self.on_closed = on_closed
+        self.on_tick = on_tick
+        #: Keepalive ticks in a row without a member.
+        self.empty_ticks = 0
         self.streams: dict[int, QuicStreamTransport] = {}
         self.blocked: set[QuicStreamTransport] = set()
         self.ready = False
@@ -643,6 +647,9 @@ class QuicLink:
         self.conn.send_ping(next(self._ping_ids))
         self.transmit()
         self._schedule_ping()
+        self.empty_ticks = self.empty_ticks + 1 if self.active_members() == 0 else 0
+        if self.on_tick is not None:
+            self.on_tick(self)
 
     # -- members -----------------------------------------------------------------------------------
     def open_stream(self) -> QuicStreamTransport:
@@ -736,9 +743,11 @@ class _Tally:
         self._pending: dict[str, int] = {}
         self._call: Any = None
 
-    def add(self, reason: str, source: str) -> None:
+    def add(self, reason: str, addr: Any) -> None:
+        """Count one refusal from ``addr`` (an ``(ip, port)`` pair)."""
         self.total += 1
         if self._call is None:
+            source = join_host_port(str(addr[0]), addr[1], unmap=True)
             self.logger.warn("QUIC %s from %s: %s", self.what, source, reason)
             self._call = self.reactor.callLater(self.interval, self._flush)
             return
@@ -835,11 +844,10 @@ class QuicServerPool(ServerPoolBase):
 
     # -- datagrams ------------------------------------------------------------------------------------
     def _datagram(self, data: bytes, addr: Any) -> None:
-        source = join_host_port(str(addr[0]), addr[1], unmap=True)
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
-            self.dropped.add("not a QUIC packet", source)
+            self.dropped.add("not a QUIC packet", addr)
             return
         if (
             header.packet_type != QuicPacketType.VERSION_NEGOTIATION
@@ -855,23 +863,23 @@ class QuicServerPool(ServerPoolBase):
                     ),
                     addr,
                 )
-            self.dropped.add("unsupported QUIC version", source)
+            self.dropped.add("unsupported QUIC version", addr)
             return
         link = self.links.get(header.destination_cid)
         if link is not None:
             link.datagram_received(data, addr)
             return
         if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
-            self.dropped.add("packet for no known connection", source)
+            self.dropped.add("packet for no known connection", addr)
             return
-        self._accept(header.destination_cid, data, addr, source)
+        self._accept(header.destination_cid, data, addr)
 
-    def _accept(self, dcid: bytes, data: bytes, addr: Any, source: str) -> None:
+    def _accept(self, dcid: bytes, data: bytes, addr: Any) -> None:
         if self.closed:
-            self.dropped.add("pool closed", source)
+            self.dropped.add("pool closed", addr)
             return
         if len(self._all) >= MAX_LINKS:
-            self.refused.add(f"more than {MAX_LINKS} connections", source)
+            self.refused.add(f"more than {MAX_LINKS} connections", addr)
             return
         conn = _FlowConnection(
             configuration=self._configuration(), original_destination_connection_id=dcid, max_streams=self.max_cap
@@ -888,6 +896,7 @@ class QuicServerPool(ServerPoolBase):
             on_stream=self._member,
             on_cid=self._cid,
             on_closed=self._closed_link,
+            on_tick=self._tick,
         )
         # Streams of a connection from another IP are refused from the start;
         # the connection is closed once its handshake completed (the close
@@ -899,7 +908,7 @@ class QuicServerPool(ServerPoolBase):
         if not link.first_datagram(data, addr):
             self._garbage.add(link)
             link.abandon("undecryptable Initial")
-            self.dropped.add("Initial packet that does not decrypt", source)
+            self.dropped.add("Initial packet that does not decrypt", addr)
 
     def _cid(self, link: QuicLink, cid: bytes, issued: bool) -> None:
         if issued:
@@ -914,10 +923,16 @@ class QuicServerPool(ServerPoolBase):
     # -- connection events -----------------------------------------------------------------------------
     def _ready(self, link: QuicLink) -> None:
         if not link.accept_streams:
-            self.refused.add(f"unauthorized IP (the handshaken client is {self.client_ip})", link.text)
+            self.refused.add(f"unauthorized IP (the handshaken client is {self.client_ip})", link.peer_addr)
             link.close("unauthorized IP")
             return
         self.logger.debug("QUIC connection from %s", link.text)
+
+    def _tick(self, link: QuicLink) -> None:
+        # A Go client abandons (never closes) a connection on which a stream
+        # failed; one that carries no member for three intervals is closed.
+        if link.empty_ticks >= 3:
+            link.close("no members")
 
     def _member(self, t: QuicStreamTransport) -> None:
         t.attach(PoolConnection(self, True))
@@ -930,7 +945,7 @@ class QuicServerPool(ServerPoolBase):
         if link in self._garbage:
             self._garbage.discard(link)
         elif not link.ready:
-            self.refused.add(f"handshake failed: {reason}", link.text)
+            self.refused.add(f"handshake failed: {reason}", link.peer_addr)
         else:
             self.logger.debug("QUIC connection from %s closed: %s", link.text, reason)
 
