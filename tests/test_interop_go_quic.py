@@ -16,8 +16,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tests.goharness import Peer, TunnelPair, exercise, skip_unless_go
-from tests.support import wait_for
+from tests.goharness import Peer, TunnelPair, echo_many, exercise, probe, skip_unless_go
+from tests.support import reactor, wait_for
 from tests.test_quic_e2e import UDP_SIZES, server_pool_of
 
 
@@ -59,6 +59,18 @@ class QuicInteropTests(TestCase):
             self.assertEqual(server_pool_of(pair).dropped.total, 0)
             for peer in pair.peers:
                 self.assertHealthy(peer)
+
+    @defer.inlineCallbacks
+    def test_our_server_restarts_and_the_go_client_comes_back(self) -> Any:
+        pair = TunnelPair(self, server="inproc", client="go", flow="-", tls=1, type=1)
+        yield pair.start()
+        yield probe(pair.user_port, b"before restart", since=pair.t0)
+        yield pair.restart("server")
+        yield probe(pair.user_port, b"after restart", since=reactor.seconds())
+        sent = yield echo_many(pair.user_port, 20, 8192)
+        self.assertEqual(sent, 20 * 8192)
+        for peer in pair.peers:
+            self.assertHealthy(peer)
 
     @defer.inlineCallbacks
     def test_go_server_with_our_client(self) -> Any:
