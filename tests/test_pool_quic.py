@@ -171,6 +171,19 @@ class QuicPoolTests(unittest.TestCase):
         self.assertEqual(len(got), 2)
         return got[0], got[1]
 
+    def _one_pair(self) -> tuple[QuicServerPool, QuicClientPool, PoolConnection, PoolConnection, int]:
+        """Both pools, one member taken on each end, and its stream ID."""
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        s, c = self._take(server, client)
+        return server, client, s, c, c.transport.stream_id  # type: ignore[union-attr]
+
+    def assertReleased(self, sid: int, server: QuicServerPool, client: QuicClientPool) -> None:
+        """Both aioquic ends dropped the stream (both directions ended)."""
+        self.assertNotIn(sid, self._link(server).conn._streams)
+        self.assertNotIn(sid, self._link(client).conn._streams)
+
     @staticmethod
     def _link(pool: Any) -> QuicLink:
         links = list(pool._all) if isinstance(pool, QuicServerPool) else list(pool.links)
@@ -222,11 +235,7 @@ class QuicPoolTests(unittest.TestCase):
 
     # -- close semantics -----------------------------------------------------------------------------------
     def test_half_close_each_way_then_both_streams_released(self) -> None:
-        server = self._server()
-        client = self._client(min_cap=2)
-        self._ready(server, client, 2)
-        s, c = self._take(server, client)
-        sid = c.transport.stream_id  # type: ignore[union-attr]
+        server, client, s, c, sid = self._one_pair()
         got_s: list[bytes] = []
         got_c: list[bytes] = []
         eofs: list[str] = []
@@ -246,15 +255,10 @@ class QuicPoolTests(unittest.TestCase):
         self.assertEqual(b"".join(got_c), b"bye")
         self.assertEqual(eofs, ["server", "client"])
         self.assertTrue(s.lost and c.lost)
-        self.assertNotIn(sid, self._link(server).conn._streams)
-        self.assertNotIn(sid, self._link(client).conn._streams)
+        self.assertReleased(sid, server, client)
 
     def test_close_sends_fin_and_the_other_side_follows(self) -> None:
-        server = self._server()
-        client = self._client(min_cap=2)
-        self._ready(server, client, 2)
-        s, c = self._take(server, client)
-        sid = c.transport.stream_id  # type: ignore[union-attr]
+        server, client, s, c, sid = self._one_pair()
         got: list[bytes] = []
         c.set_sink(got.append)
         s.transport.write(b"last words")
@@ -265,22 +269,16 @@ class QuicPoolTests(unittest.TestCase):
         self.assertTrue(c.lost)
         self.assertEqual(c.lost_reason, "EOF")
         self.assertTrue(s.lost)
-        self.assertNotIn(sid, self._link(server).conn._streams)
-        self.assertNotIn(sid, self._link(client).conn._streams)
+        self.assertReleased(sid, server, client)
 
     def test_abort_resets_both_directions(self) -> None:
-        server = self._server()
-        client = self._client(min_cap=2)
-        self._ready(server, client, 2)
-        s, c = self._take(server, client)
-        sid = c.transport.stream_id  # type: ignore[union-attr]
+        server, client, s, c, sid = self._one_pair()
         c.transport.write(b"dropped")
         c.abort()
         self.net.run(0.2)
         self.assertTrue(s.lost)
         self.assertIn("by peer", s.lost_reason)
-        self.assertNotIn(sid, self._link(server).conn._streams)
-        self.assertNotIn(sid, self._link(client).conn._streams)
+        self.assertReleased(sid, server, client)
 
     def test_peer_that_never_finishes_is_stopped_after_linger(self) -> None:
         server = self._server(keepalive=1.0)

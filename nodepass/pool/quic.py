@@ -16,9 +16,11 @@ Wire behaviour (what a NodePass peer of either side expects):
 * The server accepts any number of connections from the handshaken client
   (a client opens a new one when a stream cannot be set up, and may keep the
   old one for the members it still carries); a connection from another IP is
-  closed with application error 0, reason ``unauthorized IP``.  The incoming
-  stream limit is the pool's ``max`` (and credit is renewed as streams end),
-  so a peer with ``max`` above 128 is not capped.
+  closed with application error 0, reason ``unauthorized IP``, and one that
+  carries no member for three keepalive intervals (what a client abandoned)
+  with ``no members``.  The incoming stream limit is the pool's ``max`` (and
+  credit is renewed as streams end), so a peer with ``max`` above 128 is not
+  capped.
 * Ending a member: our side always ends its direction with FIN (orderly) or
   RESET_STREAM (abort) and keeps reading until the peer's FIN, so both ends
   release the stream and its stream credit; a peer that never finishes its
@@ -39,6 +41,11 @@ connection window of unread bytes, and a slow target slows the peer's writer
 instead of growing our buffers.  Outgoing bytes queue in aioquic's stream
 buffer; :class:`QuicStreamTransport` reports the bytes not yet sent as its
 buffer, which pauses the relay's reading side above the high-water mark.
+
+Write boundaries: a write that fits in one packet is sent as one STREAM
+frame, never split across two packets, so the peer reads it in one piece.
+UDP datagrams carried on a member rely on that (there is no framing); with
+aioquic's 1200-byte packets this holds up to about 1130 bytes.
 
 Garbage on the UDP port (unparsable datagrams, unknown versions, packets for
 unknown connections, Initial packets that do not decrypt) and refused
@@ -671,19 +678,19 @@ class QuicLink:
         self.transmit_soon()
 
     def reset_stream(self, stream_id: int) -> None:
-        if not self.closed:
-            try:
-                self.conn.reset_stream(stream_id, 0)
-            except (RuntimeError, ValueError):
-                pass
-            self.transmit_soon()
+        """RESET_STREAM: our direction ends without its queued bytes."""
+        self._end_direction(self.conn.reset_stream, stream_id)
 
     def stop_stream(self, stream_id: int) -> None:
+        """STOP_SENDING: the peer is asked to end its direction."""
+        self._end_direction(self.conn.stop_stream, stream_id)
+
+    def _end_direction(self, fn: Callable[[int, int], None], stream_id: int) -> None:
         if not self.closed:
             try:
-                self.conn.stop_stream(stream_id, 0)
+                fn(stream_id, 0)
             except (RuntimeError, ValueError):
-                pass
+                pass  # already ended, or released
             self.transmit_soon()
 
     def unsent(self, stream_id: int) -> int:
