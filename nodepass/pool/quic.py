@@ -161,6 +161,8 @@ class _FlowConnection(QuicConnection):
         self.consumed_by_stream: dict[int, int] = {}
         #: Per stream, (start, end) offsets of recent writes small enough for one packet.
         self.write_marks: dict[int, deque[tuple[int, int]]] = {}
+        #: Streams whose consumption calls for a MAX_STREAM_DATA update.
+        self.limits_due: set[int] = set()
         self.whole_limit = self._configuration.max_datagram_size - PACKET_OVERHEAD
         # aioquic has no setting for the peer's bidirectional stream limit; it is
         # sent in the transport parameters of the first flight.
@@ -205,6 +207,7 @@ class _FlowConnection(QuicConnection):
         self.consumed_by_stream[stream_id] = total
         stream = self._streams.get(stream_id)
         if stream is not None and total + self.stream_window - stream.max_stream_data_local >= self.stream_window // 4:
+            self.limits_due.add(stream_id)
             return True
         limit = self._local_max_data
         return limit.used - self.unconsumed + self.conn_window - limit.value >= self.conn_window // 4
@@ -219,7 +222,40 @@ class _FlowConnection(QuicConnection):
 
     def forget(self, stream_id: int) -> None:
         self.consumed_by_stream.pop(stream_id, None)
+        self.limits_due.discard(stream_id)
         self.write_marks.pop(stream_id, None)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        # aioquic visits every stream for every packet it builds; a pool keeps
+        # many idle streams, so only the streams with something to send are
+        # shown to it (the others are put back untouched afterwards).
+        streams, queue = self._streams, self._streams_queue
+        if len(streams) <= 8:
+            return super().datagrams_to_send(now)
+        due = self.limits_due
+        busy = {
+            sid: st
+            for sid, st in streams.items()
+            if not st.sender.buffer_is_empty
+            or st.max_stream_data_local_sent != st.max_stream_data_local
+            or sid in due
+            or st.sender.reset_pending
+            or st.receiver.stop_pending
+            or (st.sender.is_finished and st.receiver.is_finished)
+        }
+        if len(busy) == len(streams):
+            return super().datagrams_to_send(now)
+        shown = set(busy)
+        self._streams = busy
+        self._streams_queue = [st for st in queue if st.stream_id in shown]
+        try:
+            return super().datagrams_to_send(now)
+        finally:
+            served = self._streams_queue
+            for sid in shown - busy.keys():
+                streams.pop(sid, None)  # finished and discarded by aioquic
+            self._streams = streams
+            self._streams_queue = served + [st for st in queue if st.stream_id not in shown]
 
     # Overrides of aioquic's credit rules.
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
@@ -237,9 +273,13 @@ class _FlowConnection(QuicConnection):
             limit.used = used
 
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream) -> None:
+        sid = stream.stream_id or 0
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local and sid not in self.limits_due:
+            return
+        self.limits_due.discard(sid)
         if not stream.max_stream_data_local or stream.receiver.is_finished:
             return
-        target = self.consumed_by_stream.get(stream.stream_id or 0, 0) + self.stream_window
+        target = self.consumed_by_stream.get(sid, 0) + self.stream_window
         if target - stream.max_stream_data_local >= self.stream_window // 4:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
@@ -315,6 +355,7 @@ class QuicStreamTransport(StreamTransport):
     def __init__(self, link: QuicLink, stream_id: int) -> None:
         super().__init__(link.reactor, link.peer, link.host)
         self.link = link
+        link.live.add(self)
         self.stream_id = stream_id
         self.send_done = False  # FIN or RESET_STREAM queued
         self.recv_done = False  # peer's FIN or RESET_STREAM received
@@ -357,6 +398,7 @@ class QuicStreamTransport(StreamTransport):
     def _finish(self, reason: Failure) -> None:
         if self.disconnected:
             return
+        self.link.live.discard(self)
         super()._finish(reason)
         self.link.blocked.discard(self)
         if not self.send_done:
@@ -434,6 +476,8 @@ class QuicLink:
         #: Keepalive ticks in a row without a member.
         self.empty_ticks = 0
         self.streams: dict[int, QuicStreamTransport] = {}
+        #: Members still connected to a protocol.
+        self.live: set[QuicStreamTransport] = set()
         self.blocked: set[QuicStreamTransport] = set()
         self.ready = False
         self.closed = False
@@ -717,7 +761,7 @@ class QuicLink:
 
     def active_members(self) -> int:
         """Members still connected to a protocol."""
-        return sum(1 for t in self.streams.values() if not t.disconnected)
+        return len(self.live)
 
     def peer_certificate(self) -> Any:
         return getattr(self.conn.tls, "_peer_certificate", None)
