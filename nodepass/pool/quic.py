@@ -502,11 +502,14 @@ class QuicLink:
         if self.closed:
             return
         self.conn.receive_datagram(data, addr, now=self.reactor.seconds())
-        self._process_events()
-        if self.conn._close_event is not None:
-            self.transmit()
-        else:
-            self.transmit_soon()
+        try:
+            self._process_events()
+        finally:
+            # Whatever a member did with its event, the connection goes on.
+            if self.conn._close_event is not None:
+                self.transmit()
+            else:
+                self.transmit_soon()
 
     def first_datagram(self, data: bytes, addr: NetworkAddress) -> bool:
         """Feed the Initial that created this (server) connection; False when it
@@ -653,26 +656,32 @@ class QuicLink:
         if self.closed:
             return
         now = self.reactor.seconds()
-        for datagram, addr in self.conn.datagrams_to_send(now=now):
-            self._write(datagram, addr)
-        # Sending announces new connection IDs: route them before the peer uses them.
-        self._process_events()
+        try:
+            for datagram, addr in self.conn.datagrams_to_send(now=now):
+                self._write(datagram, addr)
+            # Sending announces new connection IDs: route them before the peer uses them.
+            self._process_events()
+        finally:
+            self._after_send(now)
+
+    def _after_send(self, now: float) -> None:
+        """End the link after a CONNECTION_CLOSE, resume writers, re-arm the timer."""
         close = self.conn._close_event
         if close is not None:
             # CONNECTION_CLOSE sent (ours) or received (the peer's): over.
             self._end(close.reason_phrase or f"error {close.error_code:#x}")
             return
-        if self.blocked:
-            for t in list(self.blocked):
-                t.drained()
-                if not t._producer_paused:
-                    self.blocked.discard(t)
         timer_at = self.conn.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._cancel_timer()
         if self._timer is None and timer_at is not None:
             self._timer_at = timer_at
             self._timer = self.reactor.callLater(max(0.0, timer_at - now), self._handle_timer)
+        if self.blocked:
+            for t in list(self.blocked):
+                t.drained()
+                if not t._producer_paused:
+                    self.blocked.discard(t)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -683,7 +692,7 @@ class QuicLink:
     def _write(self, datagram: bytes, addr: NetworkAddress) -> None:
         try:
             self._send(datagram, addr)
-        except OSError:
+        except Exception:  # noqa: BLE001 - OSError or Twisted's own UDP errors
             pass  # a lost datagram: QUIC's recovery handles it
 
     def _schedule_ping(self) -> None:
