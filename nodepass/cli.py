@@ -67,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in settings.warnings:
         logger.warn("%s", warning)
 
-    from nodepass.service import build_service
+    from nodepass.service import build_service, raise_open_file_limit
 
+    raise_open_file_limit()
     try:
         service: Any = build_service(config, reactor=reactor, logger=logger, settings=settings)
     except Exception as exc:  # a start-up error the URL grammar could not catch

@@ -69,7 +69,7 @@ def makeService(options: Options) -> IService:
     from nodepass.cli import _announce_level
     from nodepass.env import Settings
     from nodepass.log import NodePassLogger
-    from nodepass.service import build_service
+    from nodepass.service import build_service, raise_open_file_limit
 
     config = options["config"]
     settings = Settings.from_environ()
@@ -81,4 +81,5 @@ def makeService(options: Options) -> IService:
     for warning in settings.warnings:
         logger.warn("%s", warning)
     r: Any = reactor
+    raise_open_file_limit()
     return build_service(config, reactor=r, logger=logger, settings=settings, state_dir=options["state-dir"])

@@ -3,7 +3,8 @@
 This module holds no test cases. It offers:
 
 * **Locating the Go peer**: ``$NODEPASS_GO_PEER`` if set, else
-  ``../shared/peers/nodepass-go-v1.14.0`` next to the repository root.
+  ``../shared/peers/nodepass-go-v1.14.0`` next to the repository root (or
+  next to the main checkout when this tree is a linked git worktree).
   :func:`skip_unless_go` raises ``SkipTest`` saying what is missing, so tests
   that need the binary skip cleanly on a fresh clone.
 * **Peers with one interface** (:class:`Peer`): a child process running a URL
@@ -79,6 +80,7 @@ __all__ = [
     "MasterInstance",
     "TunnelPair",
     "EchoUser",
+    "Probe",
     "probe",
     "echo_once",
     "echo_many",
@@ -105,18 +107,20 @@ PEER_ENV: dict[str, str] = {
 }
 """Environment every peer starts with (callers may add or override entries)."""
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 """How long a peer may take to print a start-up line (interpreter start on a busy machine)."""
 
 STOP_GRACE = 8.0
 """Seconds between SIGTERM and SIGKILL when stopping a peer process."""
 
-FIRST_BYTE_BUDGET = 45.0
+FIRST_BYTE_BUDGET = 90.0
 """Seconds from the start of a pair until its first echo must have come back.
 
-Go needs about 30 s in the worst case (verify on a report tick, a
-simultaneous-verify restart, a second verify); the rest is headroom for a
-loaded machine."""
+Go needs up to about 30 s (verify on a report tick, a simultaneous-verify
+restart, a second verify, or a lost handshake answer and the server's
+handshake timeout); the rest is headroom for interpreter start-up and TLS
+pool set-up on a heavily loaded machine.  A liveness bound, not a timing
+assertion: the measured time is reported, never asserted."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CHECKPOINT = re.compile(
@@ -246,6 +250,7 @@ class Peer:
         raise NotImplementedError
 
     def stop(self) -> defer.Deferred[Any]:
+        """Stop this end; fires with ``(exit code, signal)`` for a process, None otherwise."""
         raise NotImplementedError
 
     # -- reading ------------------------------------------------------------------------------
@@ -463,7 +468,7 @@ class InProcessPeer(Peer):
     def stop(self) -> defer.Deferred[Any]:
         if not self.service.running:
             return defer.succeed(None)
-        return defer.maybeDeferred(self.service.stopService)
+        return defer.maybeDeferred(self.service.stopService).addCallback(lambda _: None)
 
     def traffic(self) -> Traffic:
         s = self.service.stats
@@ -610,7 +615,7 @@ class MasterInstance(Peer):
         return self.api.process.alive
 
     def stop(self) -> defer.Deferred[Any]:
-        return self.api.call("PATCH", f"/instances/{self.id}", {"action": "stop"})
+        return self.api.call("PATCH", f"/instances/{self.id}", {"action": "stop"}).addCallback(lambda _: None)
 
 
 # -- pairs ------------------------------------------------------------------------------------------
@@ -792,7 +797,7 @@ class EchoUser(Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 @defer.inlineCallbacks
@@ -810,18 +815,30 @@ def echo_once(port: int, payload: bytes, timeout: float = 30.0) -> Any:
     return data
 
 
+@dataclass(frozen=True)
+class Probe:
+    """The outcome of :func:`probe`."""
+
+    first_byte: float
+    """Seconds from the probe's *since* to the first answer byte of the successful attempt."""
+    attempts: int
+    clean: bool
+    """True when every failed attempt was refused at connect, so no probe byte can have been
+    counted by the tunnel except the successful attempt's (once each way)."""
+
+
 @defer.inlineCallbacks
 def probe(port: int, payload: bytes, *, since: float, budget: float = FIRST_BYTE_BUDGET,
           attempt_timeout: float = 12.0) -> Any:
-    """Echo *payload* through *port*, retrying until it comes back whole.
+    """Echo *payload* through *port*, retrying until it comes back whole; fires with a :class:`Probe`.
 
     A connect that is refused, a connection closed before the whole echo or
     an attempt longer than *attempt_timeout* is retried after 0.5 s, until
-    *budget* seconds after *since* (a reactor time). Fires with
-    ``(seconds from since to the first answer byte, attempts)``; fails
-    with AssertionError naming the last problem when the budget runs out.
+    *budget* seconds after *since* (a reactor time); then it fails with
+    AssertionError naming the last problem.
     """
     attempts = 0
+    clean = True
     problem = "no attempt"
     while True:
         attempts += 1
@@ -838,7 +855,8 @@ def probe(port: int, payload: bytes, *, since: float, budget: float = FIRST_BYTE
             user.close()
             if data == payload:
                 assert user.first_byte is not None
-                return user.first_byte - since, attempts
+                return Probe(user.first_byte - since, attempts, clean)
+            clean = False
             problem = f"got {len(data)} of {len(payload)} bytes back ({'closed' if user.lost else 'timeout'})"
         if reactor.seconds() - since > budget:
             raise AssertionError(f"no echo through port {port} within {budget}s after {attempts} attempts; "
@@ -941,6 +959,8 @@ class Result:
     udp_received: int = 0
     ingress: dict[str, int] = field(default_factory=dict)
     egress: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each step (``start``, ``first byte``, ``settle``, ``traffic``, ``counters``)."""
 
 
 @defer.inlineCallbacks
@@ -955,15 +975,29 @@ def exercise(pair: TunnelPair, *, big: int = 1 << 20, concurrent: int = 50, each
     moved: the ingress counts user bytes, the egress target bytes, so the
     egress sees the UDP directions mirrored.
     """
+    result = Result(pair.label)
+    mark = [reactor.seconds()]
+
+    def phase(name: str) -> None:
+        now = reactor.seconds()
+        result.phases[name] = round(now - mark[0], 2)
+        mark[0] = now
+
     if pair.server is None:
         yield pair.start()
-    result = Result(pair.label)
+        phase("start")
     try:
-        result.first_byte, result.attempts = yield probe(pair.user_port, b"first byte " + os.urandom(16),
-                                                         since=pair.t0)
-        if counters:
+        hello = b"first byte " + os.urandom(16)
+        first = yield probe(pair.user_port, hello, since=pair.t0)
+        result.first_byte, result.attempts = first.first_byte, first.attempts
+        phase("first byte")
+        if counters and first.clean:
+            # Only the successful probe moved bytes: both ends start from exactly that.
+            base_in = base_out = Traffic(len(hello), len(hello))
+        elif counters:
             base_in, base_out = yield defer.gatherResults(
                 [settled_traffic(pair.ingress), settled_traffic(pair.egress)], consumeErrors=True)
+            phase("settle")
         payload = os.urandom(big)
         echoed = yield echo_once(pair.user_port, payload, timeout=60.0)
         if hashlib.sha256(echoed).hexdigest() != hashlib.sha256(payload).hexdigest():
@@ -971,6 +1005,7 @@ def exercise(pair: TunnelPair, *, big: int = 1 << 20, concurrent: int = 50, each
         many = yield echo_many(pair.user_port, concurrent, each)
         result.tcp_bytes = big + many
         result.udp_sent, result.udp_received = yield udp_exchange(pair.test, pair.user_port, udp_sizes)
+        phase("traffic")
         if counters:
             moved = Traffic(result.tcp_bytes, result.tcp_bytes, result.udp_sent, result.udp_received)
             yield defer.gatherResults([wait_traffic(pair.ingress, base_in + moved),
@@ -978,6 +1013,7 @@ def exercise(pair: TunnelPair, *, big: int = 1 << 20, concurrent: int = 50, each
                                       consumeErrors=True)
             result.ingress = asdict(pair.ingress.traffic())
             result.egress = asdict(pair.egress.traffic())
+            phase("counters")
     except defer.FirstError as exc:
         raise AssertionError(f"{pair.label}: {exc.subFailure.value}\n{pair.logs()}") from None
     except AssertionError as exc:

@@ -141,9 +141,10 @@ def client_pool(
         "dial_timeout": dial_timeout,
     }
     if pool_type == 0:
-        from nodepass.tls import client_connection_creator
+        from nodepass.tls import client_ssl_context
 
-        kwargs["tls_creator"] = client_connection_creator(tls_code, server_name)
+        kwargs["ssl_context"] = client_ssl_context(tls_code, server_name)
+        kwargs["server_hostname"] = server_name if tls_code == 2 else None
     else:
         kwargs.update(tls_code=tls_code, server_name=server_name)
     return cls(reactor, logger, **kwargs)  # type: ignore[no-any-return]

@@ -36,7 +36,12 @@ round it adjusts the interval (100 ms steps within [min_interval,
 max_interval]: faster when fewer than 20 % of the capacity are idle, slower
 above 80 %), opens ``capacity - idle`` members concurrently, then adjusts the
 capacity by one (shrink when fewer than 20 % of the attempts succeeded, grow
-above 80 %).  An ID must arrive within 60 s.  Subclasses say how one member
+above 80 %).  Between rounds it also replaces members as they go: whenever
+a member leaves the idle set (taken for use, or closed by the peer) it opens
+new ones at once until idle plus opening members reach the capacity again,
+with at most :data:`REFILL_DIALS` openings under way.  The wire is the same
+as with rounds alone; a burst of new connections no longer waits for the
+next round.  An ID must arrive within 60 s.  Subclasses say how one member
 is opened (:meth:`ClientPoolBase._open_member`).
 """
 
@@ -75,6 +80,8 @@ STEP = 0.1
 #: How long / how many idle members closed by the peer stay findable by ID.
 DEAD_SECONDS = 10.0
 DEAD_KEEP = 1024
+#: Members a client pool opens at once between rounds (see ClientPoolBase).
+REFILL_DIALS = 64
 
 
 class PoolError(Exception):
@@ -105,7 +112,6 @@ class PoolConnection(RelayProtocol):
         self.in_use = False
         self._id_buf = b""
         self._id_timer: Any = None
-        self._on_id: Callable[[PoolConnection], None] | None = None
         self._peer_fp = ""
 
     # -- opening ----------------------------------------------------------------
@@ -270,9 +276,13 @@ class IdlePool:
             return
         self._idle[conn.id] = conn
 
+    def _left_idle(self) -> None:
+        """A member left the idle set (taken for use, or closed)."""
+
     def _lost(self, conn: PoolConnection) -> None:
         if conn.id and self._idle.get(conn.id) is conn:
             del self._idle[conn.id]
+            self._left_idle()
             self.logger.debug("Tunnel pool: idle %s closed: %s", conn.id, conn.lost_reason)
             # The peer may close a member right after naming it in a signal
             # (verify does); its close can overtake the signal.  Keep it
@@ -290,6 +300,7 @@ class IdlePool:
         conn = self._idle.pop(conn_id, None)
         if conn is not None:
             conn.in_use = True
+            self._left_idle()
         return conn
 
     # -- API -------------------------------------------------------------------
@@ -520,7 +531,8 @@ class ClientPoolBase(IdlePool):
         self.interval = min_interval
         self._timer: Any = None
         self._running = False
-        self._pending: set[PoolConnection] = set()
+        #: Members being opened (dialled, or waiting for their ID) -> their Deferred.
+        self._opening: dict[PoolConnection, defer.Deferred[bool]] = {}
 
     # -- what a transport provides ---------------------------------------------------
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
@@ -562,7 +574,7 @@ class ClientPoolBase(IdlePool):
         if self.closed:
             return
         self._adjust_interval()
-        need = self.capacity - len(self._idle)
+        need = self.capacity - len(self._idle) - self.opening
         if need <= 0:
             self._adjust_capacity(0)
             self._schedule()
@@ -582,50 +594,61 @@ class ClientPoolBase(IdlePool):
         if not self.closed:
             self._timer = self.reactor.callLater(self.interval, self._round)
 
+    def _left_idle(self) -> None:
+        if self._running and not self.closed:
+            self._refill()
+
+    def _refill(self) -> None:
+        """Open members until idle + opening reach the capacity (at most
+        :data:`REFILL_DIALS` openings under way)."""
+        count = min(self.capacity - len(self._idle) - self.opening, REFILL_DIALS - self.opening)
+        for _ in range(count):
+            self._create()
+
     def _create(self) -> defer.Deferred[bool]:
         """Open one member; fires True once it holds an ID, False otherwise."""
         d: defer.Deferred[bool] = defer.Deferred()
         conn = PoolConnection(self, False)
-
-        def failed(reason: str) -> None:
-            if not d.called:
-                self.last_error = reason
-                d.callback(False)
-
-        def got_id(_c: PoolConnection) -> None:
-            if not d.called:
-                d.callback(True)
-
-        conn._on_id = got_id
-        conn.when_lost().addCallback(lambda reason: failed(f"connection closed before its ID arrived: {reason}"))
+        self._opening[conn] = d
         try:
-            self._open_member(conn, failed)
+            self._open_member(conn, lambda reason: self._open_failed(conn, reason))
         except Exception as exc:
-            failed(str(exc) or type(exc).__name__)
+            self._open_failed(conn, str(exc) or type(exc).__name__)
         return d
+
+    @property
+    def opening(self) -> int:
+        """Members being opened (dialled, or waiting for their ID)."""
+        return len(self._opening)
+
+    def _open_failed(self, conn: PoolConnection, reason: str) -> None:
+        d = self._opening.pop(conn, None)
+        if d is not None:
+            self.last_error = reason
+            d.callback(False)
 
     # -- members ---------------------------------------------------------------------
     def _opened(self, conn: PoolConnection) -> None:
         """A member's transport is connected; it now waits for its ID."""
         if self.closed:
             conn.abort()
-            return
-        self._pending.add(conn)
 
     def _got_id(self, conn: PoolConnection) -> None:
-        self._pending.discard(conn)
+        d = self._opening.pop(conn, None)
         if self.closed:
             conn.abort()
             return
-        cb = conn._on_id
-        conn._on_id = None
         self.logger.debug("Tunnel pool: id %s <- %s", conn.id, conn.peer_text(local=True))
         self._enqueue(conn)
-        if cb is not None:
-            cb(conn)
+        if d is not None:
+            d.callback(True)
+        if not self.closed and not self.has(conn.id):
+            # It went straight to a waiter: replace it too.
+            self._left_idle()
 
     def _lost(self, conn: PoolConnection) -> None:
-        self._pending.discard(conn)
+        if conn in self._opening:
+            self._open_failed(conn, f"connection closed before its ID arrived: {conn.lost_reason}")
         super()._lost(conn)
 
     def close(self) -> None:
@@ -633,7 +656,9 @@ class ClientPoolBase(IdlePool):
             self._timer.cancel()
         self._timer = None
         super().close()
-        for conn in list(self._pending):
+        opening, self._opening = self._opening, {}
+        for conn, d in opening.items():
             conn.abort()
-        self._pending.clear()
+            if not d.called:
+                d.callback(False)
         self._close_transport()

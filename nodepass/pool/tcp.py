@@ -9,6 +9,7 @@ port once the handshake is done (:meth:`TcpServerPool.factory`), wrapping
 them in TLS when configured and writing the ID once the TLS handshake
 completes (60 s at most).  The client side (:class:`TcpClientPool`) dials the
 tunnel address for each member, with the TLS set-up of the server's tls code.
+TLS runs on the lean layer of :mod:`nodepass.relay.tls`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
+from nodepass.relay.tls import TLSFactory
 
 __all__ = ["TcpServerPool", "TcpClientPool"]
 
@@ -46,7 +47,7 @@ class TcpServerPool(ServerPoolBase):
     def __init__(self, reactor: Any, logger: NodePassLogger, **kwargs: Any) -> None:
         super().__init__(reactor, logger, **kwargs)
         plain = _MemberFactory(self, self.tls is not None)
-        self._factory: Any = TLSMemoryBIOFactory(self.tls, False, plain) if self.tls is not None else plain
+        self._factory: Any = TLSFactory(self.tls.ssl_context, True, plain) if self.tls is not None else plain
 
     def factory(self) -> Factory:
         return self._factory  # type: ignore[no-any-return]
@@ -57,19 +58,25 @@ class _DialFactory(ClientFactory):
 
     noisy = False  # one factory per member: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None]) -> None:
+    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
         self.conn = conn
         self.failed = failed
+        self.done = done
 
     def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+        self.done()
         return self.conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.done()
         self.failed(reason)
 
 
 class TcpClientPool(ClientPoolBase):
-    """Dials ``host:port`` for each member (``connect`` replaces the dial in tests)."""
+    """Dials ``host:port`` for each member (``connect`` replaces the dial in tests).
+
+    ``ssl_context`` (a standard-library client context) wraps members in TLS;
+    ``server_hostname`` is the name sent and verified (None: no SNI)."""
 
     def __init__(
         self,
@@ -79,7 +86,8 @@ class TcpClientPool(ClientPoolBase):
         host: str = "",
         port: int = 0,
         dial_timeout: float = 5.0,
-        tls_creator: Any = None,
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
         connect: Callable[[ClientFactory], None] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -87,28 +95,30 @@ class TcpClientPool(ClientPoolBase):
         self.host = host
         self.port = port
         self.dial_timeout = dial_timeout
-        self.tls_creator = tls_creator
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self._connect = connect
         self._connectors: set[Any] = set()
 
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
         connectors: list[Any] = []
 
-        def dial_failed(reason: Failure) -> None:
+        def done() -> None:
             for connector in connectors:
                 self._connectors.discard(connector)
+
+        def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        factory: Any = _DialFactory(conn, dial_failed)
-        if self.tls_creator is not None:
-            factory = TLSMemoryBIOFactory(self.tls_creator, True, factory)
+        factory: Any = _DialFactory(conn, dial_failed, done)
+        if self.ssl_context is not None:
+            factory = TLSFactory(self.ssl_context, False, factory, self.server_hostname)
         if self._connect is not None:
             self._connect(factory)
             return
         connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
         connectors.append(connector)
         self._connectors.add(connector)
-        conn.when_lost().addBoth(lambda _: self._connectors.discard(connector))
 
     def _close_transport(self) -> None:
         for connector in list(self._connectors):

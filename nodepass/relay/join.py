@@ -4,6 +4,9 @@
 (TCP connections or pool streams of any transport):
 
 * each side's bytes are written to the other side, with no per-byte work;
+  between two plain TCP sockets on Linux the kernel moves them itself
+  (``splice``, :mod:`nodepass.relay.splice`), elsewhere they pass through
+  Python once;
 * each transport is registered as the *producer* of the other one, so a slow
   reader pauses the fast writer in both directions (back-pressure);
 * ``TCP_NODELAY`` is set on both sockets (where there is one);
@@ -46,6 +49,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 
 from nodepass.relay.endpoint import RelayProtocol
+from nodepass.relay.splice import can_splice, splice_join
 from nodepass.relay.write import direct_writer, set_nodelay
 from nodepass.stats import TunnelStats
 
@@ -98,6 +102,11 @@ def join(
     :returns: Deferred fired with the reason text ("EOF" or the first error).
     """
     assert counted is None or counted is a or counted is b
+    if can_splice(a, b):
+        return splice_join(
+            a, b, reactor=reactor, stats=stats, counted=counted, throttle=throttle,
+            read_timeout=read_timeout, half_close=half_close,
+        )
     done: defer.Deferred[str] = defer.Deferred()
     first_reason: list[str] = []
     last_read = {id(a): time.monotonic(), id(b): time.monotonic()}

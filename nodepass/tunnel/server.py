@@ -315,10 +315,15 @@ class DualEndSession:
             raise
         self._listeners.extend(opened)
 
+    def _take_idle(self) -> defer.Deferred[Any]:
+        """An idle pool connection for a new user session (see ControlChannel.newest_first)."""
+        newest = self.control is not None and self.control.newest_first
+        return self.pool.incoming_get(self.settings.pool_get_timeout, newest=newest)  # type: ignore[no-any-return]
+
     @defer.inlineCallbacks
     def _acquire_for_udp(self) -> Any:
         yield self._wait_ingress()
-        result = yield self.pool.incoming_get(self.settings.pool_get_timeout)
+        result = yield self._take_idle()
         return result
 
     @defer.inlineCallbacks
@@ -357,7 +362,7 @@ class DualEndSession:
             if user.lost or self.stopped:
                 return None
             try:
-                cid, conn = yield self.pool.incoming_get(self.settings.pool_get_timeout)
+                cid, conn = yield self._take_idle()
             except PoolError as exc:
                 self.logger.warn("commonTCPLoop: request timeout: %s", exc)
                 user.abort()
