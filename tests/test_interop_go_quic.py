@@ -53,9 +53,9 @@ class QuicInteropTests(TestCase):
             self.assertEqual(pool.connections, 1)
             link = next(iter(pool._all))
             self.assertGreater(link.active_members(), 128)
-        results = yield gather([exercise(p, concurrent=100, each=8192, udp_sizes=UDP_SIZES) for p in pairs])
+        results = yield gather([exercise(p, concurrent=50, each=4096, udp_sizes=UDP_SIZES) for p in pairs])
         for pair, result in zip(pairs, results, strict=True):
-            self.assertEqual(result.tcp_bytes, (1 << 20) + 100 * 8192)
+            self.assertEqual(result.tcp_bytes, (1 << 20) + 50 * 4096)
             self.assertEqual(server_pool_of(pair).dropped.total, 0)
             for peer in pair.peers:
                 self.assertHealthy(peer)
@@ -75,9 +75,9 @@ class QuicInteropTests(TestCase):
     @defer.inlineCallbacks
     def test_go_server_with_our_client(self) -> Any:
         pairs = [TunnelPair(self, server="go", client="inproc", flow=flow, tls=1, type=1) for flow in "-+"]
-        results = yield gather([exercise(p, concurrent=100, each=8192, udp_sizes=UDP_SIZES) for p in pairs])
+        results = yield gather([exercise(p, concurrent=50, each=4096, udp_sizes=UDP_SIZES) for p in pairs])
         for pair, result in zip(pairs, results, strict=True):
-            self.assertEqual(result.tcp_bytes, (1 << 20) + 100 * 8192)
+            self.assertEqual(result.tcp_bytes, (1 << 20) + 50 * 4096)
             assert pair.client is not None
             self.assertTrue(pair.client.grep("TLS certificate fingerprint verified"), pair.logs())
             for peer in pair.peers:
