@@ -372,7 +372,7 @@ class BadInputTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_garbage_flood_during_live_transfer(self) -> Any:
-        settings = Settings(report_interval=0.5, service_cooldown=0.2, pool_get_timeout=3.0)
+        settings = Settings(report_interval=2.0, service_cooldown=0.2, pool_get_timeout=3.0)
         t = Tunnel(self, flow="-", settings=settings)
         yield t.start()
         # A live exchange that keeps going during the flood.
