@@ -31,11 +31,13 @@ setup(
         "zope.interface>=6.0",
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
+        "prometheus-client>=0.20",
         "aioquic>=1.7.2,<1.8",  # nodepass.pool.quic uses a few of its private attributes
     ],
     extras_require={
         "test": [
             "hypothesis>=6.100",
+            "schemathesis>=4.32,<5",
             "openapi-spec-validator>=0.7",
         ],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],

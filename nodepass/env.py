@@ -1,7 +1,8 @@
 """Tuning knobs read from ``NP_*`` environment variables, as NodePass names them.
 
 Every value has NodePass's default.  Integers must be base-10 and ``>= 0``;
-durations use Go syntax (``250ms``, ``5s``, ``1h30m``) and must be ``>= 0``.
+durations use Go syntax (``250ms``, ``5s``, ``1h30m``) and must be ``>= 0``;
+addresses are ``host:port`` (``NP_METRICS_ADDR``, empty = off).
 An invalid value falls back to the default, as NodePass does, and is reported
 in :attr:`Settings.warnings` so the caller can log it.
 """
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from nodepass.durations import parse_duration
+from nodepass.url import URLError, parse_host_port
 
 __all__ = ["Settings", "ENV_NAMES"]
 
@@ -32,10 +34,12 @@ class Settings:
     min_pool_interval: float = 0.1
     max_pool_interval: float = 1.0
     report_interval: float = 5.0
+    log_repeat_interval: float = 10.0
     service_cooldown: float = 3.0
     shutdown_timeout: float = 5.0
     reload_interval: float = 3600.0
     fallback_interval: float = 300.0
+    metrics_addr: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -52,7 +56,10 @@ class Settings:
             if raw is None or raw == "":
                 continue
             try:
-                if f.type in ("int", int):
+                if f.type in ("str", str):
+                    parse_host_port(raw, name, allow_port_zero=True)
+                    values[f.name] = raw.strip()
+                elif f.type in ("int", int):
                     number = int(raw, 10)
                     if number < 0:
                         raise ValueError("negative")
@@ -62,6 +69,8 @@ class Settings:
                     if seconds < 0:
                         raise ValueError("negative")
                     values[f.name] = seconds
+            except URLError as exc:
+                warnings.append(f"{name}={raw!r} is invalid ({exc}); using the default")
             except ValueError:
                 warnings.append(f"{name}={raw!r} is invalid; using the default")
         return cls(**values, warnings=tuple(warnings))  # type: ignore[arg-type]
@@ -79,8 +88,10 @@ ENV_NAMES: dict[str, str] = {
     "min_pool_interval": "NP_MIN_POOL_INTERVAL",
     "max_pool_interval": "NP_MAX_POOL_INTERVAL",
     "report_interval": "NP_REPORT_INTERVAL",
+    "log_repeat_interval": "NP_LOG_REPEAT_INTERVAL",
     "service_cooldown": "NP_SERVICE_COOLDOWN",
     "shutdown_timeout": "NP_SHUTDOWN_TIMEOUT",
     "reload_interval": "NP_RELOAD_INTERVAL",
     "fallback_interval": "NP_FALLBACK_INTERVAL",
+    "metrics_addr": "NP_METRICS_ADDR",
 }

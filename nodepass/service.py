@@ -11,7 +11,7 @@ from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.url import MasterURL, ParsedURL
 
-__all__ = ["build_service", "default_state_dir", "raise_open_file_limit"]
+__all__ = ["build_service", "default_state_dir", "default_import_gob", "raise_open_file_limit"]
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -42,6 +42,12 @@ def default_state_dir(environ: dict[str, str] | None = None) -> str:
     return env.get("NP_STATE_DIR") or os.getcwd()
 
 
+def default_import_gob(environ: dict[str, str] | None = None) -> str | None:
+    """The Go master state file a master imports: ``NP_IMPORT_GOB`` (unset or empty: none)."""
+    env = os.environ if environ is None else environ
+    return env.get("NP_IMPORT_GOB") or None
+
+
 def build_service(
     config: ParsedURL,
     *,
@@ -49,8 +55,16 @@ def build_service(
     logger: NodePassLogger,
     settings: Settings,
     state_dir: str | None = None,
+    import_gob: str | None = None,
 ) -> IService:
-    """Return the (not yet started) service for *config*."""
+    """Return the (not yet started) service for *config*.
+
+    A server or client also serves its Prometheus metrics when
+    ``settings.metrics_addr`` (``NP_METRICS_ADDR``) is set.
+    A master keeps its state in *state_dir* (default :func:`default_state_dir`)
+    and imports the Go master state named by *import_gob* (default
+    :func:`default_import_gob`) when it has none of its own.
+    """
     if isinstance(config, MasterURL):
         from nodepass.master.service import make_master_service
 
@@ -60,7 +74,13 @@ def build_service(
             logger=logger,
             settings=settings,
             state_dir=state_dir or default_state_dir(),
+            import_gob=import_gob or default_import_gob(),
         )
     from nodepass.tunnel import make_tunnel_service
 
-    return make_tunnel_service(config, reactor=reactor, logger=logger, settings=settings)
+    tunnel = make_tunnel_service(config, reactor=reactor, logger=logger, settings=settings)
+    if not settings.metrics_addr:
+        return tunnel
+    from nodepass.metrics import with_metrics
+
+    return with_metrics(tunnel, settings.metrics_addr, reactor=reactor, logger=logger)

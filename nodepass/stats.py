@@ -15,7 +15,8 @@ class TunnelStats:
     the tunnel service was created; ``tcps``/``udps`` are the live TCP
     connections and UDP sessions; ``pool`` the idle pool connections; ``ping``
     the last control-channel round trip in milliseconds; ``mode`` the run mode
-    that was chosen (1 or 2, 0 before it is known).
+    that was chosen (1 or 2, 0 before it is known); ``restarts`` how often the
+    tunnel restarted itself after an error (not part of the ``CHECK_POINT`` line).
     """
 
     mode: int = 0
@@ -27,6 +28,7 @@ class TunnelStats:
     tcptx: int = 0
     udprx: int = 0
     udptx: int = 0
+    restarts: int = 0
 
     def checkpoint_line(self) -> str:
         """The NodePass ``CHECK_POINT|MODE=..|PING=..ms|...`` log line for these numbers."""

@@ -7,7 +7,8 @@
     twistd -n nodepass "client://server.example:10101/127.0.0.1:8080"
 
 For NodePass-formatted log lines add ``--logger nodepass.log.twistd_observer``
-before ``nodepass``.
+before ``nodepass``.  A master replacing a Go master takes over its state with
+``--import-gob /path/to/gob/nodepass.gob`` (see :mod:`nodepass.master.migrate`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["Options", "makeService"]
 class Options(usage.Options):
     """Command-line options of ``twistd nodepass``."""
 
-    synopsis = "[--server URL | --client URL | --master URL | URL] [--state-dir DIR]"
+    synopsis = "[--server URL | --client URL | --master URL | URL] [--state-dir DIR] [--import-gob PATH]"
     longdesc = (
         "Run one NodePass URL: server://KEY@tunnel_host:port/target_host:port?params, "
         "client://KEY@server_host:port/local_host:port?params or "
@@ -38,6 +39,13 @@ class Options(usage.Options):
         ["client", None, None, "Run a tunnel client from a client:// URL."],
         ["master", None, None, "Run the management API from a master:// URL."],
         ["state-dir", None, None, "Master state directory (default: $NP_STATE_DIR or the working directory)."],
+        [
+            "import-gob",
+            None,
+            None,
+            "Go master state file (gob/nodepass.gob, or the directory holding gob/) to import "
+            "when the state directory has no state yet (default: $NP_IMPORT_GOB).",
+        ],
     ]
 
     def parseArgs(self, *args: str) -> None:
@@ -60,26 +68,41 @@ class Options(usage.Options):
         if kind != "url" and scheme != kind:
             raise usage.UsageError(f"--{kind} needs a {kind}:// URL, got {scheme}://")
         self["config"] = config
+        if self["import-gob"] and scheme != "master":
+            raise usage.UsageError("--import-gob applies to a master:// URL only")
 
 
 def makeService(options: Options) -> IService:
     """Build the service for the parsed options (uses the running twistd reactor)."""
     from twisted.internet import reactor
 
-    from nodepass.cli import _announce_level
+    from nodepass.cli import _announce_level, repeat_interval
     from nodepass.env import Settings
     from nodepass.log import NodePassLogger
     from nodepass.service import build_service, raise_open_file_limit
 
     config = options["config"]
     settings = Settings.from_environ()
-    logger = NodePassLogger(config.log or "info", stream=None)
+    logger = NodePassLogger(
+        config.log or "info",
+        stream=None,
+        reactor=reactor,  # type: ignore[arg-type]
+        repeat_interval=repeat_interval(config, settings),
+    )
     from twisted.logger import globalLogPublisher
 
     logger.add_twisted_observer(globalLogPublisher)
+    reactor.addSystemEventTrigger("after", "shutdown", logger.flush)
     _announce_level(logger, config.log or "info")
     for warning in settings.warnings:
         logger.warn("%s", warning)
     r: Any = reactor
     raise_open_file_limit()
-    return build_service(config, reactor=r, logger=logger, settings=settings, state_dir=options["state-dir"])
+    return build_service(
+        config,
+        reactor=r,
+        logger=logger,
+        settings=settings,
+        state_dir=options["state-dir"],
+        import_gob=options["import-gob"],
+    )

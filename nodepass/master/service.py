@@ -3,14 +3,18 @@
 Start-up, in order:
 
 1. the state file is read (falling back to its backup, see
-   :mod:`nodepass.master.store`); every instance loads ``stopped``;
+   :mod:`nodepass.master.store`); without state of its own, a Go master's
+   ``gob/nodepass.gob`` is imported (see :mod:`nodepass.master.migrate`);
+   every instance loads ``stopped``;
 2. the API key is created or loaded (``API Key created: <key>`` /
    ``API Key loaded: <key>``, printed at every log level except ``none``);
 3. instances with ``restart: true`` start (``Auto-starting instance: ...``);
 4. the API listens (plain HTTP for ``tls=0``; ``tls=1`` an in-memory
    self-signed certificate; ``tls=2`` the ``crt``/``key`` files, falling back
    to ``tls=1`` when they cannot be loaded), and ``Master started:
-   <host:port><base>`` is logged.
+   <host:port><base>`` is logged.  The Prometheus metrics are at
+   ``<base>/metrics`` (with the key); with ``NP_METRICS_ADDR`` set they are
+   also served without a key at ``http://NP_METRICS_ADDR/metrics``.
 
 Graceful stop: every SSE subscriber receives ``shutdown`` and its stream ends;
 every instance is stopped (their ``restart`` flags unchanged); the state is
@@ -38,8 +42,11 @@ from nodepass.master.app import MasterAPI
 from nodepass.master.events import EventHub
 from nodepass.master.info import SystemInfo
 from nodepass.master.instances import InstanceManager, TunnelFactory
+from nodepass.master.metrics import master_metrics
+from nodepass.master.migrate import find_go_state, import_go_state, resolve_go_state
 from nodepass.master.store import StateStore
 from nodepass.master.tcping import Tcping
+from nodepass.metrics import MetricsServer, parse_metrics_address
 from nodepass.net import join_host_port
 from nodepass.url import MasterURL
 
@@ -64,6 +71,8 @@ class MasterService(MultiService):
 
     ``address`` gives the listening ``(host, port)`` once started;
     ``manager``, ``events``, ``store`` and ``api`` expose the parts.
+    *import_gob* names a Go master's state file (or a directory holding
+    ``gob/nodepass.gob``) to import when there is no state of our own.
     """
 
     def __init__(
@@ -77,9 +86,11 @@ class MasterService(MultiService):
         tunnel_factory: TunnelFactory | None = None,
         sysinfo: SystemInfo | None = None,
         clock: Callable[[], float] | None = None,
+        import_gob: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
+        self.import_gob = import_gob
         self.reactor = reactor
         self.logger = logger
         self.settings = settings
@@ -103,6 +114,7 @@ class MasterService(MultiService):
         self.tcping = Tcping(reactor, limit=10, timeout=max(settings.report_interval, 0.1))
         self.port: IListeningPort | None = None
         self.api: MasterAPI | None = None
+        self._metrics_server: MetricsServer | None = None
         self.tls_code = 0
 
     @property
@@ -138,9 +150,27 @@ class MasterService(MultiService):
         self.tls_code = creator.code if creator is not None else 0
         return creator
 
+    def _load_state(self) -> list[dict[str, Any]] | None:
+        """Our own state if there is any, else an imported Go state (or ``None``).
+
+        Raises :class:`~nodepass.master.migrate.GoStateNotFound` when an
+        explicitly named Go state file is missing and there is no state to
+        fall back on.
+        """
+        if self.store.exists():
+            if self.import_gob:
+                self.logger.info(
+                    "Go state file not imported: %s already holds this master's state", self.store.path
+                )
+            return self.store.load()
+        path = resolve_go_state(self.import_gob) if self.import_gob else find_go_state(self.store.state_dir)
+        if path is None:
+            return None
+        return import_go_state(path, self.logger)
+
     def startService(self) -> None:
         """Load state, start the auto-start instances, then listen."""
-        self.manager.load(self.store.load())
+        self.manager.load(self._load_state())
         self.store.save_now()
         creator = self._tls()
         super().startService()  # type: ignore[no-untyped-call]
@@ -155,7 +185,17 @@ class MasterService(MultiService):
             clock=self.clock,
             started=started,
             tls_code=self.tls_code,
+            reactor=self.reactor,
         )
+        self.api.metrics = master_metrics(self.manager, clock=self.clock, started=started)
+        if self.settings.metrics_addr:
+            self._metrics_server = MetricsServer(
+                parse_metrics_address(self.settings.metrics_addr),
+                self.api.metrics,
+                reactor=self.reactor,
+                logger=self.logger,
+            )
+            self._metrics_server.startService()
         site = _QuietSite(self.api.resource())  # type: ignore[no-untyped-call]
         factory: Any = site
         if creator is not None:
@@ -177,6 +217,9 @@ class MasterService(MultiService):
         except Exception as exc:
             self.logger.error("Instance shutdown error: %s", exc or type(exc).__name__)
         self.store.stopService()  # type: ignore[no-untyped-call]
+        if self._metrics_server is not None:
+            server, self._metrics_server = self._metrics_server, None
+            yield server.stopService()
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()

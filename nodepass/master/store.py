@@ -100,6 +100,10 @@ class StateStore(Service):
         self._snapshot = snapshot
 
     # loading ---------------------------------------------------------------
+    def exists(self) -> bool:
+        """Whether this master has state of its own here (the main file or its backup)."""
+        return os.path.exists(self.path) or os.path.exists(self.backup_path)
+
     def _read(self, path: str) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return _parse_state(handle.read(), path)

@@ -118,6 +118,7 @@ class TunnelService(Service):
         self._cooldown = None
         if self._stopping:
             return
+        self.stats.restarts += 1
         self.logger.info("%s", self._startup_line(f"{self.kind} restart"))
         self._run()
 

@@ -426,6 +426,7 @@ class SingleEndService(Service):
         self._restart = None
         if self._stopping:
             return
+        self.stats.restarts += 1
         self.logger.info("%s", self._startup_text("Client restart"))
         self.policy.reset()
         self._start_core()
