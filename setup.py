@@ -32,6 +32,9 @@ setup(
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
         "prometheus-client>=0.20",
+        # QUIC pool (type=1), imported only when that type is used; nodepass.pool.quic
+        # uses a few of its private attributes, hence the narrow range.
+        "aioquic>=1.7.2,<1.8",
         # WebSocket pool (type=2), imported only when that type is used.
         "wsproto>=1.2",
         "h11>=0.14",
