@@ -22,11 +22,14 @@ seconds:
 
 Every ``--period`` seconds it prints a row per end.  After ``--warmup``
 seconds, and again at the end, it pauses the load until both ends report no
-live connection or session and takes a *quiet* sample; the leak verdict
-compares the final quiet sample with the first: resident memory, descriptors
-other than idle pool connections, and pending timers must each grow by less
-than 5 % (descriptors and timers may also grow by up to 3, whatever the
-percentage).  Exit status: 0 flat, 1 growth, 2 wrong data or a failed set-up.
+live connection or session and takes a *quiet* sample, with an object census
+of each end (SIGUSR1: a full collection, then live objects by type and
+pymalloc's allocated blocks, written to the end's log).  The leak verdict
+compares the final quiet sample with the first: resident memory, allocated
+blocks, live objects, descriptors other than idle pool connections, and
+pending timers must each grow by less than 5 % (descriptors and timers may
+also grow by up to 3, whatever the percentage); the object types that grew
+most are listed.  Exit status: 0 flat, 1 growth, 2 wrong data or a failed set-up.
 
 Usage::
 
@@ -37,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -102,6 +106,17 @@ def serve(url: str, sample: float) -> int:
     def stop() -> Any:
         return service.stopService() if service.running else None
 
+    def census(*_: Any) -> None:
+        """SIGUSR1: live objects by type (after a collection), one JSON line to standard error."""
+        import collections
+
+        gc.collect()
+        counts = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+        line = {"blocks": sys.getallocatedblocks(), "objects": sum(counts.values()), "types": counts}
+        sys.stderr.write("census: " + json.dumps(line) + "\n")
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(census))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     LoopingCall(report).start(sample, now=False)
@@ -311,6 +326,20 @@ class End:
             self.cond.wait_for(lambda: self.samples > seen, timeout)
             return dict(self.latest)
 
+    def censuses(self) -> list[dict[str, Any]]:
+        """The object censuses this end wrote to its log (one per quiet sample)."""
+        with open(self.log.name, encoding="utf-8", errors="replace") as handle:
+            return [json.loads(line.split("census: ", 1)[1]) for line in handle if line.startswith("census: ")]
+
+    def census_growth(self, top: int = 8) -> list[str]:
+        """Object types that grew most between the first and the last census."""
+        rows = self.censuses()
+        if len(rows) < 2:
+            return []
+        first, last = rows[0]["types"], rows[-1]["types"]
+        grown = sorted(((last[k] - first.get(k, 0), k) for k in last), reverse=True)[:top]
+        return [f"{self.name:6} {k}: {first.get(k, 0)} -> {last[k]}" for n, k in grown if n > 0]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -327,6 +356,7 @@ def row(elapsed: float, end: End, sample: dict[str, int]) -> str:
         f"{elapsed:7.0f}s {end.name:6} rss {sample.get('rss', 0) / 2**20:7.1f} MiB  fds {sample.get('fds', 0):4}"
         f"  pool {sample.get('pool', 0):4}  timers {sample.get('timers', 0):4}"
         f"  tcps {sample.get('tcps', 0):4}  udps {sample.get('udps', 0):4}"
+        + (f"  objects {sample['objects']}  blocks {sample['blocks']}" if "objects" in sample else "")
     )
 
 
@@ -340,6 +370,15 @@ def quiet_sample(load: Load, ends: list[End], sample: float) -> dict[str, dict[s
         if all(s.get("tcps", 1) == 0 and s.get("udps", 1) == 0 for s in snaps.values()):
             break
     snaps = {e.name: e.fresh(3 * sample) for e in ends}  # one more, after the last close settled
+    for e in ends:  # live objects and allocated blocks after a full collection, via the logs
+        seen = len(e.censuses())
+        e.proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 30
+        while len(e.censuses()) <= seen and time.time() < deadline:
+            time.sleep(0.2)
+        rows = e.censuses()
+        if len(rows) > seen:
+            snaps[e.name].update(blocks=rows[-1]["blocks"], objects=rows[-1]["objects"])
     load.resume()
     return snaps
 
@@ -352,6 +391,8 @@ def verdict(first: dict[str, dict[str, int]], last: dict[str, dict[str, int]]) -
         a, b = first[name], last[name]
         figures = [
             ("rss", a["rss"], b["rss"], 0),
+            ("allocated blocks", a.get("blocks", 0), b.get("blocks", 0), 0),
+            ("live objects", a.get("objects", 0), b.get("objects", 0), 0),
             ("fds without pool", a["fds"] - a["pool"], b["fds"] - b["pool"], COUNT_SLACK),
             ("timers", a["timers"], b["timers"], COUNT_SLACK),
         ]
@@ -441,6 +482,9 @@ def main() -> int:
         print(f"load {load.counters.text()}")
         flat, lines = verdict(first, last)
         print("\n".join(lines))
+        grown = [line for e in ends for line in e.census_growth()]
+        if grown:
+            print("object types that grew most between the quiet samples:\n  " + "\n  ".join(grown))
         if load.counters.wrong:
             print(f"WRONG DATA: {load.counters.wrong[:5]}")
             return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,18 @@ def unavailable() -> str | None:
     return reason
 
 
+def remove_stale() -> None:
+    """Delete namespaces (and their ``/etc/netns`` files) that test runs whose process is gone
+    left behind, e.g. after a kill -9 of the test runner; a namespace's veth pair goes with it."""
+    for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
+        match = re.match(r"np(\d+)x\d+\b", line.strip())
+        if match is None or os.path.exists(f"/proc/{match.group(1)}"):
+            continue
+        name = line.split()[0]
+        _run("ip", "netns", "del", name, check=False)
+        shutil.rmtree(os.path.join("/etc/netns", name), ignore_errors=True)
+
+
 def _used_blocks() -> set[ipaddress.IPv4Network]:
     out = _run("ip", "-4", "-o", "addr", "show", check=False).stdout
     used = set()
@@ -78,6 +91,8 @@ class Link:
         if reason is not None:
             raise SkipTest(reason)
         n = next(_counter)
+        if n == 0:
+            remove_stale()
         tag = f"{os.getpid()}x{n}"
         self.name = f"np{tag}"
         self.near_dev = f"npa{tag}"[:15]

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.netns import Link, process_fds
 from tests.support import RawClient, connect, echo_server, free_port, new_dir, sleep, wait_for
-from tests.test_faults import RECOVERY_BOUND, errors_since, measured, pid_of, start_end, until_echo
+from tests.test_faults import FAST_ENV, RECOVERY_BOUND, errors_since, measured, pid_of, start_end, until_echo
 from tests.test_process import MasterClient, spawn
 
 PARTITION = 20.0
@@ -58,8 +58,7 @@ class PartitionTests(TestCase):
         )
         yield server.wait_line("Pending tunnel handshake")
 
-        master = spawn(self, ["-m", "nodepass", "master://127.0.0.1:0/api?log=info"], work,
-                       NP_REPORT_INTERVAL="1s", NP_SERVICE_COOLDOWN="1s", NP_HANDSHAKE_TIMEOUT="3s")
+        master = spawn(self, ["-m", "nodepass", "master://127.0.0.1:0/api?log=info"], work, **FAST_ENV)
         api = yield MasterClient(self, master).connect()
         events = yield api.subscribe()
         local = free_port()
