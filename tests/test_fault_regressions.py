@@ -53,3 +53,20 @@ class GoneWhileWaitingTests(TestCase):
         self.assertFalse(conn.in_use)
         clock.advance(10)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class StateEncodingTests(TestCase):
+    """The master's state file: one instance per line, written by json's C encoder."""
+
+    def test_round_trip_one_instance_per_line(self) -> None:
+        import json
+
+        from nodepass.master.store import encode_state
+
+        instances = [{"id": f"{i:08x}", "alias": "ä \" \n", "meta": {"tags": {"k": str(i)}}} for i in range(3)]
+        document = {"format": "nodepass-master", "version": 1, "instances": instances}
+        text = encode_state(document)
+        self.assertEqual(json.loads(text), document)
+        lines = text.splitlines()
+        self.assertEqual([json.loads(line.rstrip(",")) for line in lines[1:-1]], instances)
+        self.assertEqual(json.loads(encode_state({"instances": []})), {"instances": []})

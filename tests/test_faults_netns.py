@@ -90,8 +90,7 @@ class PartitionTests(TestCase):
                        for e in events.events[seen:])
 
         yield wait_for(went_error, timeout=RECOVERY_BOUND, what="instance in error (SSE)", step=0.05)
-        measured("partition noticed by the client (master instance error), report interval 1 s",
-                 time.monotonic() - start)
+        measured("partition noticed by the client (master instance error)", time.monotonic() - start)
         yield wait_for(lambda: errors_since(server, mark), timeout=RECOVERY_BOUND, what="server notices")
         measured("partition noticed by the server", time.monotonic() - start)
         yield server.wait_line("Server restart", timeout=RECOVERY_BOUND)  # and waits for a new handshake
