@@ -9,9 +9,10 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from nodepass.env import Settings
-from nodepass.pool.tcp import PoolConnection, ServerPool
+from nodepass.pool.base import PoolConnection
+from nodepass.pool.tcp import TcpServerPool
+from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.server import DualEndSession
 from tests.support import quiet_logger
 
@@ -33,7 +34,7 @@ class GoneWhileWaitingTests(TestCase):
 
     def test_gone_user_does_not_take_the_next_pool_connection(self) -> None:
         clock = Clock()
-        pool = ServerPool(clock, quiet_logger(), max_cap=8, client_ip="")
+        pool = TcpServerPool(clock, quiet_logger(), max_cap=8, client_ip="")
         session = DualEndSession(
             config=_Config(), reactor=clock, logger=quiet_logger(), settings=Settings(pool_get_timeout=5.0),
             stats=TunnelStats(), policy=_Policy(), exchanges=set(),
