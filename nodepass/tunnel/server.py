@@ -361,8 +361,14 @@ class DualEndSession:
                     return None
             if user.lost or self.stopped:
                 return None
+            get = self._take_idle()
+            # A user who leaves while waiting gives up its turn: the next pool
+            # connection goes to a user still there (or stays idle).
+            user.when_lost().addCallback(lambda _: get.cancel())
             try:
-                cid, conn = yield self._take_idle()
+                cid, conn = yield get
+            except defer.CancelledError:
+                return None
             except PoolError as exc:
                 self.logger.warn("commonTCPLoop: request timeout: %s", exc)
                 user.abort()
