@@ -54,13 +54,14 @@ import datetime
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -142,33 +143,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def free_ports(count: int) -> list[int]:
-    """*count* distinct ports free for TCP and UDP on 127.0.0.1 (probes held until all are chosen)."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        for _ in range(50 * count):
-            if len(ports) == count:
-                break
-            t = socket.socket()
-            held.append(t)
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            held.append(u)
-            try:
-                t.bind(("127.0.0.1", 0))
-                port = int(t.getsockname()[1])
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            ports.append(port)
-    finally:
-        for sock in held:
-            sock.close()
-    if len(ports) < count:
-        raise RuntimeError("no free ports on 127.0.0.1")
-    return ports
-
-
 def progress(text: str) -> None:
     print(time.strftime("%H:%M:%S ") + text, file=sys.stderr, flush=True)
 
@@ -228,18 +202,12 @@ class Bench:
         self.target_port = int(line)
 
     def stop_target(self) -> None:
-        if self.target is not None and self.target.poll() is None:
-            self.target.terminate()
-            try:
-                self.target.wait(10)
-            except subprocess.TimeoutExpired:
-                self.target.kill()
-                self.target.wait(10)
+        procs.stop_process(self.target)
 
     def start(self, impl: procs.Impl, scenario: Scenario, target: int, tag: str,
               client_extra: str = "") -> procs.Tunnel:
         """Start the ends of *scenario* forwarding to *target*: the server first, the client once it listens."""
-        user_port, tunnel_port = free_ports(2)
+        user_port, tunnel_port = procs.free_ports(2)
         log = self.args.log
         started = time.perf_counter()
         if scenario.kind == "single":
@@ -364,7 +332,7 @@ class Bench:
                 tunnel.stop()
             return
         # iperf3 cannot answer the readiness probe: an echo stands in on its port until the tunnel carries bytes.
-        port = free_ports(1)[0]
+        port = procs.free_ports(1)[0]
         probe = load.ProbeEcho(port)
         try:
             tunnel = self.start(impl, scenario, port, tag)
@@ -451,7 +419,7 @@ class Bench:
     def measure_direct(self) -> None:
         if self.want("tput"):
             if self.iperf3:
-                port = free_ports(1)[0]
+                port = procs.free_ports(1)[0]
                 with procs.IperfServer(self.iperf3, port, self.log_dir / "direct-iperf3.log"):
                     self.tput_metrics(DIRECT, DIRECT, port, None)
             else:
@@ -459,17 +427,33 @@ class Bench:
         self.echo_metrics(DIRECT, DIRECT, self.target_port, None)
 
     def measure(self, scenario: Scenario, impl: procs.Impl, rnd: int) -> None:
+        """The metric groups of one implementation in one scenario and round.
+
+        A group whose start failed because a port was taken meanwhile is tried
+        again on other ports (twice at most); any other start failure ends
+        this implementation's rounds in this scenario (StartFailed goes up).
+        An error during a group is noted and the next group runs."""
         tag = f"r{rnd + 1}-{scenario.key}-{impl.name}"
         echo = [g for g in ("rtt", "udp", "cps", "burst", "ttfb") if self.want(g)]
-        if echo:
-            progress(f"  {scenario.key} {impl.name}: {', '.join(echo)}")
-            self.group_echo(scenario, impl, tag + "-echo")
-        if self.want("tput"):
-            progress(f"  {scenario.key} {impl.name}: throughput")
-            self.group_tput(scenario, impl, tag + "-tput")
-        if self.want("idle"):
-            progress(f"  {scenario.key} {impl.name}: idle RSS")
-            self.group_idle(scenario, impl, tag + "-idle")
+        groups = ([(", ".join(echo), self.group_echo, "echo")] if echo else []) + [
+            (title, fn, name) for title, fn, name in (("throughput", self.group_tput, "tput"),
+                                                      ("idle RSS", self.group_idle, "idle")) if self.want(name)
+        ]
+        for title, fn, name in groups:
+            progress(f"  {scenario.key} {impl.name}: {title}")
+            for attempt in range(3):
+                try:
+                    fn(scenario, impl, f"{tag}-{name}" + (f"-retry{attempt}" if attempt else ""))
+                    break
+                except procs.StartFailed as exc:
+                    if attempt == 2 or not procs.port_clash(str(exc)):
+                        raise
+                    progress(f"  {scenario.key} {impl.name}: port taken, trying other ports ({exc})")
+                except (OSError, RuntimeError, psutil.Error, load.MetricError) as exc:
+                    self.results.note(scenario.key, f"{impl.label}, round {rnd + 1}, {title}: "
+                                                    f"{type(exc).__name__}: {exc}")
+                    progress(f"  {scenario.key} {impl.name}: {title} failed: {exc}")
+                    break
 
     def run(self) -> bool:
         """All rounds; False when interrupted (the results so far are still reported)."""
@@ -481,7 +465,10 @@ class Bench:
                 progress(f"round {rnd + 1}/{self.args.repeat}")
                 if "direct" in self.args.path_list:
                     progress("  direct")
-                    self.measure_direct()
+                    try:
+                        self.measure_direct()
+                    except (OSError, RuntimeError, load.MetricError) as exc:
+                        self.results.note(DIRECT, f"direct, round {rnd + 1}: {type(exc).__name__}: {exc}")
                 for scenario in self.scenarios:
                     for impl in self.impls:
                         if self.results.is_failed(scenario.key, impl.name):

@@ -119,7 +119,10 @@ class ReportLogic(unittest.TestCase):
         [table] = tables(text)
         self.assertEqual(table[0][2:], ["ours (did not start)", "Go", "ours / Go"])
         self.assertEqual(table[1], ["throughput, 1 stream, Gbit/s", "↑", "–", "3.00", "–"])
-        self.assertIn("* ours did not start: server: ERROR  pool type 1 (QUIC) is not supported yet", text)
+        self.assertIn("* ours failed to start, no further rounds: server: ERROR  pool type 1 (QUIC) is not supported yet",
+                      text)
+        res.add(s.key, "ours", "tput1", 1.0)  # an earlier round had started
+        self.assertIn("ours (failed to start later)", report.markdown(res, [s], columns, PARAMS, []))
         data = report.to_json(res, [s], columns, {"command": "x"})
         self.assertEqual(data["scenarios"][0]["did_not_start"], {"ours": res.failed[s.key]["ours"]})
         self.assertEqual(data["scenarios"][0]["medians"]["go"]["tput1"], 3.0)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -104,6 +106,57 @@ def go_version(binary: Path) -> str:
     return m.group().decode() if m else "?"
 
 
+# -- ports -----------------------------------------------------------------------------------------
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; 32768-60999 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int) -> list[int]:
+    """*count* distinct ports free for TCP and UDP on 127.0.0.1, below the ephemeral range.
+
+    The benchmark opens thousands of outgoing connections, whose local ports
+    come from the ephemeral range; a listening port chosen there could be
+    taken by one of them before the tunnel end binds it. So ports are drawn at
+    random from 10000 up to the start of that range; every probe socket stays
+    bound until all are chosen."""
+    lo = 10000
+    hi = max(lo + 1000, ephemeral_range()[0] - 1)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for port in random.sample(range(lo, hi), min(hi - lo, 200 * count)):
+            if len(ports) == count:
+                break
+            t = socket.socket()
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held += [t, u]
+            try:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    if len(ports) < count:
+        raise RuntimeError(f"no {count} free ports on 127.0.0.1 between {lo} and {hi}")
+    return ports
+
+
+def port_clash(reason: str) -> bool:
+    """Whether a start failure says a port was taken (worth a retry on other ports)."""
+    return "address already in use" in reason.lower()
+
+
 # -- processes ---------------------------------------------------------------------------------
 
 
@@ -151,7 +204,7 @@ class End:
         return float(self.ps.memory_info().rss) / 2**20
 
     def listening(self, port: int) -> bool:
-        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in _tcp(self.ps))
+        return listens(self.ps, port)
 
     def connections_to(self, port: int) -> int:
         """Established TCP connections of this process to *port* on the far side."""
@@ -159,13 +212,24 @@ class End:
                    if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s; waits for the process either way."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def listens(ps: psutil.Process, port: int) -> bool:
+    """Whether the process has a TCP socket listening on *port*."""
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in _tcp(ps))
 
 
 def _tcp(ps: psutil.Process) -> list[Any]:
@@ -246,7 +310,7 @@ class IperfServer:
         ps = psutil.Process(self.proc.pid)
         deadline = time.perf_counter() + 20
         while time.perf_counter() < deadline:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in _tcp(ps)):
+            if listens(ps, self.port):
                 return self
             if self.proc.poll() is not None:
                 break
@@ -255,13 +319,7 @@ class IperfServer:
         raise RuntimeError(f"iperf3 server did not listen on port {self.port} (see {self.log})")
 
     def __exit__(self, *_exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 # -- machine -----------------------------------------------------------------------------------

@@ -122,15 +122,21 @@ def ratio_pairs(columns: list[Column]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _failed_mark(results: Results, where: str, name: str) -> str:
+    if not results.is_failed(where, name):
+        return ""
+    return " (failed to start later)" if results.samples.get(where, {}).get(name) else " (did not start)"
+
+
 def scenario_table(results: Results, scenario: Scenario, columns: list[Column], params: dict[str, Any],
                    metrics: list[Metric] | None = None) -> str:
     """One Markdown table: a row per metric measured in *scenario*, a column per implementation, then ratios."""
     labels = {c.name: c.label for c in columns}
     pairs = ratio_pairs(columns)
     where = scenario.key
-    head = ["metric", "better"] + [
-        labels[c.name] + (" (did not start)" if results.is_failed(where, c.name) else "") for c in columns
-    ] + [f"{labels[a]} / {labels[b]}" for a, b in pairs]
+    head = ["metric", "better"] + [labels[c.name] + _failed_mark(results, where, c.name) for c in columns] + [
+        f"{labels[a]} / {labels[b]}" for a, b in pairs
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for metric in metrics or METRICS:
         if scenario.kind == "single" and metric.single_label == "-":
@@ -160,7 +166,7 @@ def scenario_notes(results: Results, scenario: Scenario, columns: list[Column]) 
     labels = {c.name: c.label for c in columns}
     notes = [scenario.note] if scenario.note else []
     for name, reason in results.failed.get(scenario.key, {}).items():
-        notes.append(f"{labels.get(name, name)} did not start: {reason}")
+        notes.append(f"{labels.get(name, name)} failed to start, no further rounds: {reason}")
     notes.extend(results.notes.get(scenario.key, []))
     return notes
 
