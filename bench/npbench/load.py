@@ -406,20 +406,30 @@ def _parallel_upload(port: int, per_stream: int, streams: int) -> float:
 
 
 def iperf3_throughput(iperf3: str, port: int, duration: float, streams: int) -> Transfer:
-    """``iperf3 -c 127.0.0.1 -p PORT -t D -P N -J``: received bits per second and bytes."""
+    """``iperf3 -c 127.0.0.1 -p PORT -t D -P N -J``: received bits per second and bytes.
+
+    The iperf3 server takes one test at a time and may still be finishing the
+    previous one when the next starts (its control connection closes through
+    the tunnel); a "server is busy" answer is retried for up to 10 s."""
     seconds = max(1, int(round(duration)))
     cmd = [iperf3, "-c", HOST, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J",
            "--connect-timeout", "10000"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, timeout=seconds + 60, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise MetricError(f"iperf3 did not finish within {seconds + 60} s") from exc
-    try:
-        report = json.loads(out.stdout)
-    except ValueError as exc:
-        text = (out.stderr or out.stdout).decode(errors="replace").strip()[-200:]
-        raise MetricError(f"iperf3 exited {out.returncode}: {text}") from exc
-    if "error" in report:
-        raise MetricError(f"iperf3: {report['error']}")
-    received = report["end"]["sum_received"]
-    return Transfer(float(received["bits_per_second"]) / 1e9, int(received["bytes"]))
+    for attempt in range(11):
+        try:
+            out = subprocess.run(cmd, capture_output=True, timeout=seconds + 60, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise MetricError(f"iperf3 did not finish within {seconds + 60} s") from exc
+        try:
+            report = json.loads(out.stdout)
+        except ValueError as exc:
+            text = (out.stderr or out.stdout).decode(errors="replace").strip()[-200:]
+            raise MetricError(f"iperf3 exited {out.returncode}: {text}") from exc
+        error = str(report.get("error", ""))
+        if "busy" in error and attempt < 10:
+            time.sleep(1.0)
+            continue
+        if error:
+            raise MetricError(f"iperf3: {error}")
+        received = report["end"]["sum_received"]
+        return Transfer(float(received["bits_per_second"]) / 1e9, int(received["bytes"]))
+    raise AssertionError("unreachable")

@@ -59,7 +59,7 @@ METRICS: list[Metric] = [
            "RSS with {concurrency:,} connections held, MiB"),
     Metric("rss_idle_server", "idle RSS, pool of {idle_min:,}: server, MiB", "lower", ".1f", False, "-"),
     Metric("rss_idle_client", "idle RSS, pool of {idle_min:,}: client, MiB", "lower", ".1f", False, "idle RSS, MiB"),
-    Metric("pool_fill", "pool of {idle_min:,} filled, s after the client started", "lower", ".2f", False, "-"),
+    Metric("pool_fill", "pool of {idle_min:,} filled (99 %), s after the client started", "lower", ".2f", False, "-"),
     Metric("ttfb", "first byte through the tunnel, s after start", "lower", ".2f", False),
 ]
 BY_KEY = {m.key: m for m in METRICS}
