@@ -44,13 +44,15 @@ Usage::
     python bench/tunnel_bench.py --baseline /tmp/nodepass-old --peer none --metrics tput,rtt
 
 The Markdown report goes to standard output (and ``--markdown FILE``); all
-samples go to a JSON file (``--json FILE``, by default in the log directory).
+samples go to a JSON file (``--json FILE``, by default in the log directory),
+from which ``--render FILE`` prints the same report again.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import shlex
@@ -109,6 +111,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--idle-min", type=int, help=f"client pool min for the idle RSS ({FULL['idle_min']})")
     p.add_argument("--settle", type=float, help=f"pause before the burst and the idle RSS, s ({FULL['settle']:g})")
     p.add_argument("--log", default="warn", help="log level of every tunnel end (default warn)")
+    p.add_argument("--server-query", default="",
+                   help="extra URL parameters for every server end, e.g. 'max=4096' (as given, after the others)")
+    p.add_argument("--client-query", default="",
+                   help="extra URL parameters for every client end (single-end too), e.g. 'min=1024'")
     p.add_argument("--ready-timeout", type=float, default=90.0,
                    help="seconds to wait for a set-up to carry its first byte (default 90)")
     p.add_argument("--pool-timeout", type=float, default=60.0, help="seconds to wait for the idle pool to fill")
@@ -120,6 +126,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="raw samples (default LOG_DIR/results.json)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown report to this file")
     p.add_argument("--log-dir", type=Path, default=None, help="where the ends' logs go (default a new temp dir)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: print the report of an earlier run from its --json file")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
@@ -210,12 +218,14 @@ class Bench:
         """Start the ends of *scenario* forwarding to *target*: the server first, the client once it listens."""
         user_port, tunnel_port = procs.free_ports(2)
         log = self.args.log
+        server_extra = "&" + self.args.server_query.lstrip("&?") if self.args.server_query else ""
+        client_extra += "&" + self.args.client_query.lstrip("&?") if self.args.client_query else ""
         started = time.perf_counter()
         if scenario.kind == "single":
-            url = f"client://127.0.0.1:{user_port}/127.0.0.1:{target}?mode=1&log={log}"
+            url = f"client://127.0.0.1:{user_port}/127.0.0.1:{target}?mode=1&log={log}{client_extra}"
             end = procs.launch(impl, "client", url, self.log_dir / f"{tag}-single.log")
             return procs.Tunnel(user_port, started, [end])
-        query = f"mode=1&tls={scenario.tls}&log={log}" + (f"&type={scenario.type}" if scenario.type else "")
+        query = f"mode=1&tls={scenario.tls}&log={log}" + (f"&type={scenario.type}" if scenario.type else "") + server_extra
         server = procs.launch(impl, "server", f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?{query}",
                               self.log_dir / f"{tag}-server.log")
         tunnel = procs.Tunnel(user_port, started, [server], tunnel_port)
@@ -495,7 +505,8 @@ class Bench:
         return {"duration": a.duration, "rounds": a.rounds, "repeat": a.repeat, "workers": a.workers,
                 "concurrency": a.concurrency, "idle_min": a.idle_min, "settle": a.settle, "log": a.log,
                 "quick": a.quick, "types": a.types, "tls": a.tls_modes, "paths": a.path_list,
-                "metrics": a.groups, "tput_tool": "iperf3" if self.iperf3 else "built-in sink"}
+                "metrics": a.groups, "tput_tool": "iperf3" if self.iperf3 else "built-in sink",
+                "server_query": a.server_query, "client_query": a.client_query}
 
     def meta(self, started: datetime.datetime, machine: dict[str, Any], load: dict[str, float]) -> dict[str, Any]:
         return {
@@ -505,45 +516,13 @@ class Bench:
             "machine": machine,
             "impls": {i.name: {"label": i.label, "version": i.version, "argv": i.argv, "cwd": str(i.cwd)}
                       for i in self.impls},
+            "completed": not any("interrupted" in n for n in self.header_notes),
             "params": self.params(),
             "load": load,
             "rounds_load": self.loads,
             "header_notes": self.header_notes,
             "log_dir": str(self.log_dir),
         }
-
-    def header(self, meta: dict[str, Any]) -> list[str]:
-        m, a, load = meta["machine"], self.args, meta["load"]
-        when = meta["started_utc"].replace("T", " ").split("+")[0]
-        order = ", ".join((["direct"] if "direct" in a.path_list else []) + [i.label for i in self.impls])
-        rows = [
-            ("command", f"`{meta['command']}` (in `{meta['cwd']}`)"),
-            ("machine", f"{m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']:.0f} GiB, {m['kernel']}"),
-            ("software", f"Python {m['python']}, Twisted {m['twisted']}, psutil {m['psutil']}"
-                         + (f", {m['iperf3']}" if m['iperf3'] else "")),
-        ]
-        for impl in self.impls:
-            if impl.name == "go":
-                rows.append(("Go", f"`{impl.argv[0]}`: {impl.label}, built with {impl.version}"))
-            else:
-                rows.append((impl.label, f"`{impl.cwd}`: {impl.version}"))
-        rows += [
-            ("method", f"{a.repeat} round(s), each: {order} in turn; medians; throughput with "
-                       f"{'iperf3' if self.iperf3 else 'the built-in sink'}, {a.duration:g} s runs; "
-                       f"{a.rounds} echo round trips; {a.workers} connection workers; burst of {a.concurrency:,}; "
-                       f"idle pool min={a.idle_min:,}; log={a.log}"),
-            ("load", f"1-min load average {load['load_start']:.2f} at start, {load['load_end']:.2f} at end, "
-                     f"{load['load_max']:.2f} at most; other processes kept {load['other_cpus']:.2f} of "
-                     f"{m['cpus']} CPUs busy on average over {load['wall_seconds']:.0f} s"),
-        ]
-        lines = [f"## Tunnel benchmark, {when} UTC", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows]
-        if self.header_notes:
-            lines.append("")
-            lines += [f"* {n}" for n in self.header_notes]
-        lines += ["", "↑: higher is better, ↓: lower is better. Ratios divide the medians of two columns; "
-                      "n/a: not applicable to the direct path; –: not measured or failed (see the notes)."]
-        return lines
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -553,6 +532,9 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render is not None:
+        output(report.render(json.loads(args.render.read_text(encoding="utf-8"))), args.markdown)
+        return 0
     procs.raise_fd_limit()
     signal.signal(signal.SIGTERM, _interrupt)
     started = datetime.datetime.now(datetime.UTC)
@@ -561,15 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"logs in {bench.log_dir}")
     completed = bench.run()
     meta = bench.meta(started, machine, bench.cpu_watch.foreign())
-    text = report.markdown(bench.results, bench.scenarios, bench.columns, bench.params(), bench.header(meta))
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text, encoding="utf-8")
+    data = report.to_json(bench.results, bench.scenarios, bench.columns, meta)
     json_path = args.json or bench.log_dir / "results.json"
-    report.write_json(json_path, report.to_json(bench.results, bench.scenarios, bench.columns, meta))
+    report.write_json(json_path, data)
+    output(report.render(data), args.markdown)
     progress(f"samples: {json_path}")
     return 0 if completed else 130
+
+
+def output(text: str, path: Path | None) -> None:
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

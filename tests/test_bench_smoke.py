@@ -109,6 +109,21 @@ class ReportLogic(unittest.TestCase):
                          ["↓", "n/a", "0.50", "2.00", "0.25", "–", "–"])
         self.assertNotIn("throughput, 1 stream, Gbit/s", rows)  # never measured: no row
 
+    def test_summary_of_ours_against_go(self) -> None:
+        plain, quic = Scenario("dual", 0, 0), Scenario("dual", 1, 1)
+        res = Results()
+        res.add(plain.key, "ours", "tput1", 3.0)
+        res.add(plain.key, "go", "tput1", 2.0)
+        res.add(plain.key, "ours", "burst_fail", 5.0)
+        res.add(plain.key, "go", "burst_fail", 0.0)
+        res.add(quic.key, "go", "tput1", 1.0)  # ours not measured there: no column
+        [table] = tables(report.summary_table(res, [plain, quic], PARAMS))
+        self.assertEqual(table[0], ["ours / Go", "TCP tls=0"])
+        self.assertEqual(table[1:], [["throughput, 1 stream, Gbit/s ↑", "1.50"],
+                                     ["failed of the 2,000 concurrent (sum of all rounds) (ours / Go totals)",
+                                      "5 / 0"]])
+        self.assertEqual(report.summary_table(res, [quic], PARAMS), "")
+
     def test_implementation_that_did_not_start(self) -> None:
         s = Scenario("dual", 1, 1)
         res = Results()
@@ -148,6 +163,11 @@ class SmokeRun(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         text = (out / "r.md").read_text(encoding="utf-8")
         self.assertEqual(text.strip(), proc.stdout.strip())
+        # The JSON file alone gives the same report again.
+        again = subprocess.run([sys.executable, str(BENCH / "tunnel_bench.py"), "--render", str(out / "r.json")],
+                               capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+        self.assertEqual(again.stdout, proc.stdout)
         return text, json.loads((out / "r.json").read_text(encoding="utf-8"))
 
     def test_quick_mode_measures_every_metric(self) -> None:

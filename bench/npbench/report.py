@@ -63,6 +63,9 @@ METRICS: list[Metric] = [
     Metric("ttfb", "first byte through the tunnel, s after start", "lower", ".2f", False),
 ]
 BY_KEY = {m.key: m for m in METRICS}
+SUMMARY = ("tput1", "tput8", "cpu_gb1", "cpu_gb8", "rtt_p50", "rtt_p99", "cps", "cps_fail", "burst_s", "burst_fail",
+           "rss_loaded_server", "rss_loaded_client", "rss_idle_server", "rss_idle_client", "ttfb")
+"""The metrics of the summary table."""
 
 
 class Results:
@@ -171,9 +174,39 @@ def scenario_notes(results: Results, scenario: Scenario, columns: list[Column]) 
     return notes
 
 
+def summary_table(results: Results, scenarios: list[Scenario], params: dict[str, Any]) -> str:
+    """Ours / Go at a glance: a row per key metric, a column per scenario where both were measured."""
+    both = [s for s in scenarios
+            if any(results.values(s.key, "ours", m) for m in BY_KEY) and any(results.values(s.key, "go", m)
+                                                                              for m in BY_KEY)]
+    if not both:
+        return ""
+    head = ["ours / Go"] + [s.short for s in both]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(both)) + "|"]
+    for key in SUMMARY:
+        metric = BY_KEY[key]
+        cells = []
+        for s in both:
+            ours, go = results.summary(s.key, "ours", key), results.summary(s.key, "go", key)
+            if metric.total:  # failure counts: both totals, a ratio of counts says little
+                cells.append("–" if ours is None or go is None else f"{ours:,.0f} / {go:,.0f}")
+                continue
+            r = ratio(ours, go)
+            cells.append("–" if r is None else f"{r:.2f}")
+        if any(c != "–" for c in cells):
+            label = metric.title(Scenario("dual"), params).replace(": server", ", server").replace(": client", ", client")
+            mark = {"higher": " ↑", "lower": " ↓"}.get(metric.better, " (ours / Go totals)")
+            lines.append(f"| {label}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: Results, scenarios: list[Scenario], columns: list[Column], params: dict[str, Any],
              header: list[str]) -> str:
     out = list(header)
+    summary = summary_table(results, scenarios, params)
+    if summary:
+        out += ["", "### Summary: ours / Go (medians; below 1 is better for ↓ rows, above 1 for ↑ rows)", "",
+                summary.rstrip("\n")]
     for scenario in scenarios:
         out.append(f"\n### {scenario.title}\n")
         out.append(scenario_table(results, scenario, columns, params))
@@ -204,7 +237,9 @@ def to_json(results: Results, scenarios: list[Scenario], columns: list[Column], 
             "tls": s.tls,
             "samples": results.samples.get(s.key, {}),
             "did_not_start": results.failed.get(s.key, {}),
+            "note": s.note,
             "notes": scenario_notes(results, s, columns),
+            "extra_notes": results.notes.get(s.key, []),
             "medians": medians,
         })
     return data
@@ -213,3 +248,68 @@ def to_json(results: Results, scenarios: list[Scenario], columns: list[Column], 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def from_json(data: dict[str, Any]) -> tuple[Results, list[Scenario], list[Column]]:
+    """The samples, scenarios and columns of a run saved by :func:`to_json`."""
+    results = Results()
+    results.samples[DIRECT] = {DIRECT: {k: list(v) for k, v in data.get("direct", {}).items()}}
+    for note in data.get("direct_notes", []):
+        results.note(DIRECT, note)
+    scenarios = []
+    for entry in data["scenarios"]:
+        scenario = Scenario(entry["kind"], entry["type"], entry["tls"], entry.get("note", ""))
+        scenarios.append(scenario)
+        results.samples[scenario.key] = entry["samples"]
+        for name, reason in entry.get("did_not_start", {}).items():
+            results.fail(scenario.key, name, reason)
+        if "extra_notes" in entry:
+            extra = entry["extra_notes"]
+        else:  # a file from before "extra_notes" existed: all its notes but the start failures
+            extra = [n for n in entry.get("notes", []) if "did not start" not in n and "failed to start" not in n]
+        for note in extra:
+            results.note(scenario.key, note)
+    columns = [Column(c["name"], c["label"]) for c in data["columns"]]
+    return results, scenarios, columns
+
+
+def header(meta: dict[str, Any]) -> list[str]:
+    """The report's opening: the command, the machine, the software, the method and the load."""
+    m, p, load = meta["machine"], meta["params"], meta["load"]
+    when = meta["started_utc"].replace("T", " ").split("+")[0]
+    order = ", ".join(c["label"] if c["name"] != "go" else meta["impls"]["go"]["label"] for c in meta["columns"])
+    rows = [
+        ("command", f"`{meta['command']}` (in `{meta['cwd']}`)"),
+        ("machine", f"{m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']:.0f} GiB, {m['kernel']}"),
+        ("software", f"Python {m['python']}, Twisted {m['twisted']}, psutil {m['psutil']}"
+                     + (f", {m['iperf3']}" if m["iperf3"] else "")),
+    ]
+    for name, impl in meta["impls"].items():
+        if name == "go":
+            rows.append(("Go", f"`{impl['argv'][0]}`: {impl['label']}, built with {impl['version']}"))
+        else:
+            rows.append((impl["label"], f"`{impl['cwd']}`: {impl['version']}"))
+    rows += [
+        ("method", f"{p['repeat']} round(s), each: {order} in turn; medians; throughput with {p['tput_tool']}, "
+                   f"{p['duration']:g} s runs; {p['rounds']} echo round trips; {p['workers']} connection workers; "
+                   f"burst of {p['concurrency']:,}; idle pool min={p['idle_min']:,}; log={p['log']}"
+                   + (f"; server URLs + `{p['server_query']}`" if p.get("server_query") else "")
+                   + (f"; client URLs + `{p['client_query']}`" if p.get("client_query") else "")),
+        ("load", f"1-min load average {load['load_start']:.2f} at start, {load['load_end']:.2f} at end, "
+                 f"{load['load_max']:.2f} at most; other processes kept {load['other_cpus']:.2f} of "
+                 f"{m['cpus']} CPUs busy on average over {load['wall_seconds']:.0f} s"),
+    ]
+    lines = [f"## Tunnel benchmark, {when} UTC", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if meta.get("header_notes"):
+        lines.append("")
+        lines += [f"* {n}" for n in meta["header_notes"]]
+    lines += ["", "↑: higher is better, ↓: lower is better. Ratios divide the medians of two columns; "
+                  "n/a: not applicable to the direct path; –: not measured or failed (see the notes)."]
+    return lines
+
+
+def render(data: dict[str, Any]) -> str:
+    """The Markdown report of a run saved by :func:`to_json` (the same text the run printed)."""
+    results, scenarios, columns = from_json(data)
+    return markdown(results, scenarios, columns, data["params"], header(data))

@@ -28,6 +28,11 @@ class Scenario:
         return f"dual-type{self.type}-tls{self.tls}" if self.kind == "dual" else "single"
 
     @property
+    def short(self) -> str:
+        """A column heading: ``TCP tls=0``, ``QUIC tls=1``, ``single-end``."""
+        return f"{TYPE_NAMES.get(self.type, '?')} tls={self.tls}" if self.kind == "dual" else "single-end"
+
+    @property
     def title(self) -> str:
         if self.kind == "single":
             return "single-end (client mode=1, straight to the target)"
