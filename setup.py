@@ -35,6 +35,7 @@ setup(
     extras_require={
         "test": [
             "hypothesis>=6.100",
+            "schemathesis>=4.32,<5",
             "openapi-spec-validator>=0.7",
         ],
         "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],

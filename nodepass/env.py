@@ -32,6 +32,7 @@ class Settings:
     min_pool_interval: float = 0.1
     max_pool_interval: float = 1.0
     report_interval: float = 5.0
+    log_repeat_interval: float = 10.0
     service_cooldown: float = 3.0
     shutdown_timeout: float = 5.0
     reload_interval: float = 3600.0
@@ -79,6 +80,7 @@ ENV_NAMES: dict[str, str] = {
     "min_pool_interval": "NP_MIN_POOL_INTERVAL",
     "max_pool_interval": "NP_MAX_POOL_INTERVAL",
     "report_interval": "NP_REPORT_INTERVAL",
+    "log_repeat_interval": "NP_LOG_REPEAT_INTERVAL",
     "service_cooldown": "NP_SERVICE_COOLDOWN",
     "shutdown_timeout": "NP_SHUTDOWN_TIMEOUT",
     "reload_interval": "NP_RELOAD_INTERVAL",

@@ -66,19 +66,26 @@ def makeService(options: Options) -> IService:
     """Build the service for the parsed options (uses the running twistd reactor)."""
     from twisted.internet import reactor
 
-    from nodepass.cli import _announce_level
+    from nodepass.cli import _announce_level, repeat_interval
     from nodepass.env import Settings
     from nodepass.log import NodePassLogger
-    from nodepass.service import build_service
+    from nodepass.service import build_service, raise_open_file_limit
 
     config = options["config"]
     settings = Settings.from_environ()
-    logger = NodePassLogger(config.log or "info", stream=None)
+    logger = NodePassLogger(
+        config.log or "info",
+        stream=None,
+        reactor=reactor,  # type: ignore[arg-type]
+        repeat_interval=repeat_interval(config, settings),
+    )
     from twisted.logger import globalLogPublisher
 
     logger.add_twisted_observer(globalLogPublisher)
+    reactor.addSystemEventTrigger("after", "shutdown", logger.flush)
     _announce_level(logger, config.log or "info")
     for warning in settings.warnings:
         logger.warn("%s", warning)
     r: Any = reactor
+    raise_open_file_limit()
     return build_service(config, reactor=r, logger=logger, settings=settings, state_dir=options["state-dir"])

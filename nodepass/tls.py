@@ -13,9 +13,11 @@ Server side (:func:`server_tls`):
   ``TLS code-1: RAM cert with TLS 1.3`` and code 1 is used.
 
 Client side (:func:`client_connection_creator`): code 1 encrypts without
-verification and sends no SNI; code 2 verifies the chain and the name
-(``sni``) against the platform trust store, or against the PEM bundle named by
-the ``SSL_CERT_FILE`` environment variable when it is set.
+verification and sends no SNI; code 2 verifies the chain against the platform
+trust store, or against the PEM bundle named by the ``SSL_CERT_FILE``
+environment variable when it is set, and the name (``sni``, also sent as SNI)
+against the certificate's subjectAltName; like Go, it refuses a certificate
+that has none.
 
 Fingerprints (:func:`fingerprint`) are ``sha256:`` + the upper-case hex byte
 pairs of SHA-256 over the certificate DER, joined by ``:``.
@@ -27,6 +29,7 @@ import datetime
 import hashlib
 import os
 import secrets
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -66,9 +69,14 @@ def fingerprint(der: bytes) -> str:
 
 
 def fingerprint_of_x509(cert: Any) -> str:
-    """Fingerprint of a pyOpenSSL X509 (or twisted Certificate) object."""
+    """Fingerprint of a certificate object: pyOpenSSL X509, twisted Certificate,
+    cryptography Certificate, or DER bytes."""
+    if isinstance(cert, bytes):
+        return fingerprint(cert)
     if hasattr(cert, "original"):
         cert = cert.original
+    if isinstance(cert, x509.Certificate):
+        return fingerprint(cert.public_bytes(serialization.Encoding.DER))
     der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
     return fingerprint(der)
 
@@ -156,6 +164,8 @@ def _server_context(cert: Any, key: Any) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET)
+    # An idle pool connection then holds no record buffers (tens of kB each).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     chain: list[Any] = []
     if isinstance(cert, tuple):
         cert, chain = cert
@@ -201,6 +211,10 @@ class ServerTLS:
 
     def _set(self, cert: Any, key: Any, der: bytes) -> None:
         self._context = _server_context(cert, key)
+        self._ssl_context: ssl.SSLContext | None = None
+        self._cert = cert
+        self._key = key
+        self._alpn_contexts: dict[tuple[bytes, ...], SSL.Context] = {}
         self.der = der
         self.fingerprint = fingerprint(der)
 
@@ -221,15 +235,101 @@ class ServerTLS:
         if self._logger is not None:
             self._logger.debug("TLS cert reloaded: %s", self._crt_file)
 
-    def context(self) -> SSL.Context:
-        """The SSL context for a new server connection (reloading first if due)."""
+    def context(self, alpn: tuple[bytes, ...] = ()) -> SSL.Context:
+        """The SSL context for a new server connection (reloading first if due).
+
+        With ``alpn``, the context selects the first of those protocols that
+        the client offers, and none when it offers none of them (the
+        transport then decides what to do with such a client)."""
         self._maybe_reload()
-        return self._context
+        if not alpn:
+            return self._context
+        ctx = self._alpn_contexts.get(alpn)
+        if ctx is None:
+            ctx = _server_context(self._cert, self._key)
+
+            def select(conn: SSL.Connection, offered: list[bytes]) -> Any:
+                for proto in alpn:
+                    if proto in offered:
+                        return proto
+                return SSL.NO_OVERLAPPING_PROTOCOLS
+
+            ctx.set_alpn_select_callback(select)
+            self._alpn_contexts[alpn] = ctx
+        return ctx
+
+    def pem(self) -> tuple[bytes, bytes]:
+        """(certificate chain PEM, private key PEM) of the certificate served now."""
+        self._maybe_reload()
+        cert, chain = (self._cert, []) if not isinstance(self._cert, tuple) else self._cert
+        crt = b"".join(crypto.dump_certificate(crypto.FILETYPE_PEM, c) for c in [cert, *chain])
+        return crt, crypto.dump_privatekey(crypto.FILETYPE_PEM, self._key)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self.context(), None)
         conn.set_accept_state()
         return conn
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate as a standard-library context (the lean pool TLS
+        layer, :mod:`nodepass.relay.tls`), rebuilt after a reload."""
+        self._maybe_reload()
+        if self._ssl_context is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.options |= ssl.OP_NO_TICKET
+            # No session tickets: pool connections are never resumed, and each
+            # ticket costs memory on both ends for as long as the connection lives.
+            ctx.num_tickets = 0
+            crt, key = self.pem()
+            _load_chain_from_memory(ctx, crt, key)
+            ctx.sni_callback = _remember_server_name
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def with_alpn(self, *protocols: bytes) -> IOpenSSLServerConnectionCreator:
+        """A connection creator for TLSMemoryBIOFactory that negotiates ``protocols``."""
+        return _AlpnServer(self, tuple(protocols))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _AlpnServer:
+    def __init__(self, tls: ServerTLS, alpn: tuple[bytes, ...]) -> None:
+        self._tls = tls
+        self._alpn = alpn
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._tls.context(self._alpn), None)
+        conn.set_accept_state()
+        return conn
+
+
+def _remember_server_name(sslobj: Any, name: str | None, ctx: ssl.SSLContext) -> None:
+    """Keep the SNI a client sent on its connection (``sni_name``), for logs and tests."""
+    sslobj.sni_name = name
+
+
+def _load_chain_from_memory(ctx: ssl.SSLContext, crt: bytes, key: bytes) -> None:
+    """``load_cert_chain`` from PEM bytes, through an anonymous in-memory file where
+    the system has them (nothing touches the disk), else a private temporary file."""
+    import tempfile
+
+    memfd = getattr(os, "memfd_create", None)
+    if memfd is not None:
+        fd = memfd("nodepass-cert", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, crt + b"\n" + key)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    with tempfile.NamedTemporaryFile() as f:
+        os.chmod(f.name, 0o600)
+        f.write(crt + b"\n" + key)
+        f.flush()
+        ctx.load_cert_chain(f.name)
 
 
 def server_tls(
@@ -293,10 +393,13 @@ def _trust_root() -> Any:
 class _NoVerifyClient:
     """TLS 1.3 client without certificate verification and without SNI."""
 
-    def __init__(self) -> None:
+    def __init__(self, alpn: tuple[bytes, ...] = ()) -> None:
         self._ctx = SSL.Context(SSL.TLS_METHOD)
         self._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         self._ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+        self._ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        if alpn:
+            self._ctx.set_alpn_protos(list(alpn))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
@@ -304,24 +407,96 @@ class _NoVerifyClient:
         return conn
 
 
-_CLIENT_CACHE: dict[tuple[int, str], Any] = {}
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingClient:
+    """TLS 1.3 client for code 2: the chain must lead to *trust_root* and the certificate's
+    subjectAltName must match *server_name* (sent as SNI unless it is an IP address);
+    *alpn* lists the application protocols to offer.
+
+    A certificate without any subjectAltName is refused, as Go refuses it.  A
+    refusal fails the TLS handshake (``certificate verify failed``); nothing
+    is logged from inside OpenSSL's callback.
+    """
+
+    def __init__(self, server_name: str, trust_root: Any, alpn: tuple[bytes, ...] = ()) -> None:
+        from service_identity.hazmat import DNS_ID, IPAddress_ID
+        from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+        options = tssl.CertificateOptions(trustRoot=trust_root, raiseMinimumTo=tssl.TLSVersion.TLSv1_3,
+                                          acceptableProtocols=list(alpn) or None)
+        self._ctx = options.getContext()
+        is_ip = isIPAddress(server_name) or isIPv6Address(server_name)
+        self._sni = b"" if is_ip else server_name.encode("idna")
+        self._ids = [IPAddress_ID(server_name) if is_ip else DNS_ID(server_name)]
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int) -> bool:
+        if not ok:
+            return False
+        if depth != 0:
+            return True
+        from service_identity.hazmat import verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+
+        try:
+            verify_service_identity(extract_patterns(cert), self._ids, [])
+        except Exception:  # VerificationError, or CertificateError when there is no subjectAltName
+            return False
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        if self._sni:
+            conn.set_tlsext_host_name(self._sni)
+        conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        conn.set_connect_state()
+        return conn
 
 
-def client_connection_creator(code: int, server_name: str) -> Any:
-    """The client TLS connection creator for pool code 1 or 2 (None for 0)."""
+_CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], Any] = {}
+_SSL_CLIENT_CACHE: dict[tuple[int, str, str], ssl.SSLContext] = {}
+
+
+def client_ssl_context(code: int, server_name: str) -> ssl.SSLContext | None:
+    """The standard-library client context for pool code 1 or 2 (None for 0),
+    with the same rules as :func:`client_connection_creator`: code 1 does not
+    verify and sends no SNI; code 2 verifies the chain (``SSL_CERT_FILE``, else
+    the system's trust store) and ``server_name``."""
     if code not in (1, 2):
         return None
-    key = (code, server_name if code == 2 else "", os.environ.get("SSL_CERT_FILE", ""))
-    cached = _CLIENT_CACHE.get(key)  # type: ignore[arg-type]
+    bundle = os.environ.get("SSL_CERT_FILE", "")
+    key = (code, server_name if code == 2 else "", bundle)
+    ctx = _SSL_CLIENT_CACHE.get(key)
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        if code == 1:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            # Only subjectAltName names count, as for a NodePass (Go) client.
+            ctx.hostname_checks_common_name = False
+            if bundle:
+                ctx.load_verify_locations(cafile=bundle)
+            else:
+                ctx.load_default_certs()
+        _SSL_CLIENT_CACHE[key] = ctx
+    return ctx
+
+
+def client_connection_creator(code: int, server_name: str, alpn: tuple[bytes, ...] = ()) -> Any:
+    """The client TLS connection creator for pool code 1 or 2 (None for 0).
+
+    Code 1 does not verify and sends no SNI; code 2 verifies the chain and
+    ``server_name``.  ``alpn`` lists the application protocols to offer."""
+    if code not in (1, 2):
+        return None
+    key = (code, server_name if code == 2 else "", os.environ.get("SSL_CERT_FILE", ""), alpn)
+    cached = _CLIENT_CACHE.get(key)
     if cached is not None:
         return cached
     if code == 1:
-        creator: Any = _NoVerifyClient()
+        creator: Any = _NoVerifyClient(alpn)
     else:
-        creator = tssl.optionsForClientTLS(
-            server_name,
-            trustRoot=_trust_root(),
-            extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_3},
-        )
-    _CLIENT_CACHE[key] = creator  # type: ignore[index]
+        creator = _VerifyingClient(server_name, _trust_root(), alpn)
+    _CLIENT_CACHE[key] = creator
     return creator

@@ -326,8 +326,10 @@ class GoServer:
     """A v1.14.0 server on a listening socket: one handshake, then a TCP pool."""
 
     def __init__(self, key: str, flow: str, max_: int = 16, interval: float = 0.5,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None, tls_code: str = "") -> None:
+        """*tls* (crt, key) makes the pool TLS; the handshake then announces *tls_code* ("1" by default)."""
         self.key = key
+        self.tls_code = tls_code or ("1" if tls else "0")
         self.flow = flow
         self.max = max_
         self.interval = interval
@@ -365,8 +367,7 @@ class GoServer:
                     break
                 raw += chunk
             self.request = raw
-            code = "1" if self._ctx is not None else "0"
-            conn.sendall(go_response(self.flow, self.max, code, "0"))
+            conn.sendall(go_response(self.flow, self.max, self.tls_code, "0"))
             conn.close()
             while not self._stop.is_set():
                 sock: Any

@@ -328,11 +328,12 @@ class FakeResolution:
 
 # -- TLS --------------------------------------------------------------------------------------------
 def make_cert_files(directory: str, cn: str = "localhost", names: tuple[str, ...] = ("localhost",)) -> tuple[str, str, bytes]:
-    """Write a self-signed cert/key pair for ``names``; returns (crt path, key path, DER)."""
+    """Write a self-signed cert/key pair for ``names`` (no subjectAltName at all when empty);
+    returns (crt path, key path, DER)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -340,11 +341,12 @@ def make_cert_files(directory: str, cn: str = "localhost", names: tuple[str, ...
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     crt_path = os.path.join(directory, "tls.crt")
     key_path = os.path.join(directory, "tls.key")
     with open(crt_path, "wb") as f:

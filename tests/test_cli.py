@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,36 @@ class UsageTests(unittest.TestCase):
 
     def test_unknown_scheme(self) -> None:
         self.check_usage(run("-m", "nodepass", "ftp://x:1/y:2"), "unknown scheme")
+
+
+class HelpVersionTests(unittest.TestCase):
+    """``--help`` / ``--version`` (and ``-h`` / ``-v``) in a pipe: standard output, status 0."""
+
+    def test_help(self) -> None:
+        for flag in ("--help", "-h"):
+            result = run("-m", "nodepass", flag)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stderr, "")
+            self.assertIn(f"nodepass-{__version__}", result.stdout)
+            self.assertIn("│ master://hostname:port/path?<query> │", result.stdout)
+            self.assertIn("-h, --help", result.stdout)
+            self.assertIn("NO_COLOR", result.stdout)
+            self.assertNotIn("\x1b[", result.stdout)
+
+    def test_version(self) -> None:
+        for flag in ("--version", "-v"):
+            result = run("-m", "nodepass", flag)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stderr, "")
+            self.assertRegex(result.stdout, rf"^nodepass-{re.escape(__version__)} \w+/\w+ python-[\d.]+\S*\n$")
+
+    def test_flags_only_alone(self) -> None:
+        """A flag next to another argument is no flag: the usual usage error."""
+        result = run("-m", "nodepass", "--help", "server://:1/a:2")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("exactly one URL", result.stderr)
+        result = run("-m", "nodepass", "--helpme")
+        self.assertEqual(result.returncode, 1)
 
 
 class PluginTests(unittest.TestCase):

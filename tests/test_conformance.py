@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import ssl
@@ -600,7 +601,7 @@ class ServerPoolAndHealth(Base):
     """Pool and health rules of our server as a Go client sees them."""
 
     @defer.inlineCallbacks
-    def test_tls2_server_verify_carries_its_certificate_and_does_not_gate(self) -> Any:
+    def test_tls2_server_verify_carries_its_certificate_and_holds_users_briefly(self) -> Any:
         crt, key, der = make_cert_files(new_dir(self))
         tport, uport = self.reverse_server(f"&tls=2&crt={crt}&key={key}")
         result: dict[str, Any] = {}
@@ -612,7 +613,8 @@ class ServerPoolAndHealth(Base):
                     peer.dial_pool()
                 result["fps"] = set(peer.fps.values())
                 ctl = peer.start_control()
-                # No verify from us: the ingress must open anyway with tls=2.
+                # No verify from the peer (as after v1.14.0): the ingress opens anyway, after
+                # at most two report intervals.
                 result["in"] = user_to_peer(peer, ctl, uport, b"tls2")
                 result["verify"] = ctl.expect("verify")
 
@@ -621,6 +623,31 @@ class ServerPoolAndHealth(Base):
         self.assertEqual(result["fps"], {gopeer.fingerprint(der)})
         self.assertEqual(result["in"], b"tls2")
         self.assertEqual(result["verify"]["fp"], gopeer.fingerprint(der))
+        self.assertNoRestart()
+
+    @defer.inlineCallbacks
+    def test_tls2_ingress_waits_for_the_peers_verify(self) -> Any:
+        """Regression: a v1.14.0 client sends one `verify`, at its first report tick, on the idle pool
+        connection it takes the ingress way (its oldest) and then closes it.  tls=2 used to let our
+        ingress pair an early user with that very connection, and the user got nothing back.  Now,
+        until the peer's `verify`, the ingress takes the newest idle connection: the early user is
+        served at once, on another connection."""
+        crt, key, _der = make_cert_files(new_dir(self))
+        tport, uport = free_ports(2)
+        self.service(f"server://{KEY}@127.0.0.1:{tport}/127.0.0.1:{uport}?mode=1&tls=2&crt={crt}&key={key}",
+                     settings=SLOW_REPORTS)
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            with self.hanging_up(gopeer.GoClient(tport, KEY, tls=True)) as peer:
+                result["in"], result["early"], result["sig"], result["verify_id"] = early_user_around_verify(
+                    peer.start_control, peer, uport, fp=lambda cid: peer.fps[cid], prepare=lambda: [
+                        user_retry(peer.handshake), *[peer.dial_pool() for _ in range(4)]])
+
+        yield self.run_peer(script)
+        self.assertEqual(len(result["early"]), 1)  # not held back
+        self.assertNotEqual(result["sig"]["id"], result["verify_id"])
+        self.assertEqual(result["in"], (b"early user", b"served"))
         self.assertNoRestart()
 
     @defer.inlineCallbacks
@@ -768,6 +795,69 @@ class ClientTLSVerify(Base):
         yield self.run_peer(script)
         yield wait_until(lambda: any("Client error:" in t for t in self.texts(Level.ERROR)))
         self.assertLogged("certificate fingerprint mismatch", Level.ERROR)
+
+
+    @defer.inlineCallbacks
+    def test_tls2_ingress_waits_for_the_go_servers_verify(self) -> Any:
+        """Regression (forward flow, our client is the ingress): a v1.14.0 tls=2 server sends its
+        `verify` without a fingerprint on its oldest idle connection and closes it; our client
+        serves early users on its newest connection meanwhile, ignores the missing fingerprint
+        and drops the named connection."""
+        crt, key, _der = make_cert_files(new_dir(self))
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = crt
+        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old is not None
+                        else os.environ.pop("SSL_CERT_FILE", None))
+        uport = free_port()
+        peer = gopeer.GoServer(KEY, "+", tls=(crt, key), tls_code="2")
+        self.addCleanup(peer.close)
+        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4&sni=localhost",
+                     settings=SLOW_REPORTS)
+        result: dict[str, Any] = {}
+
+        def script() -> None:
+            result["in"], result["early"], result["sig"], result["verify_id"] = early_user_around_verify(
+                peer.start_control, peer, uport, fp=lambda cid: "", prepare=lambda: peer.wait_for(count=4))
+
+        yield self.run_peer(script)
+        self.assertEqual(len(result["early"]), 1)  # not held back
+        self.assertNotEqual(result["sig"]["id"], result["verify_id"])
+        self.assertEqual(result["in"], (b"early user", b"served"))
+        self.assertLogged("TLS verify signal without fingerprint ignored", Level.DEBUG)
+        self.assertNoRestart()
+
+
+SLOW_REPORTS = Settings(report_interval=5.0, service_cooldown=0.5, handshake_timeout=5.0, pool_get_timeout=5.0)
+"""Settings whose first report tick (and the end of tls=2 newest-first) comes well after a test's early user."""
+
+
+def early_user_around_verify(start_control: Callable[[], gopeer.Control], peer: Any, uport: int, *,
+                             fp: Callable[[str], str], prepare: Callable[[], Any]) -> tuple[Any, ...]:
+    """A user connects before the peer's `verify`; the peer then sends that `verify` the v1.14.0 way
+    (its oldest idle connection, fingerprint from *fp*, connection closed) and serves the user.
+
+    Returns ((bytes the peer read, bytes the user got back), the `tcp` lines seen before the
+    verify, the `tcp` signal, the ID the verify named)."""
+    prepare()
+    ctl = start_control()
+    user = user_connect(uport)
+    user.sendall(b"early user")
+    time.sleep(1.0)
+    early = [x for x in ctl.lines if b'"tcp"' in x]
+    cid, conn = peer.take_oldest()
+    ctl.send("verify", id=cid, fp=fp(cid))
+    conn.close()
+    sig = ctl.expect("tcp")
+    if sig["id"] == cid:  # the user was paired with the connection the verify used up
+        user.close()
+        return (b"", b""), early, sig, cid
+    data_conn = peer.take(sig["id"])
+    got = gopeer.recv_exact(data_conn, 10)
+    data_conn.sendall(b"served")
+    back = gopeer.recv_exact(user, 6)
+    data_conn.close()
+    user.close()
+    return (got, back), early, sig, cid
 
 
 @defer.inlineCallbacks

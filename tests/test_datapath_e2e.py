@@ -181,7 +181,7 @@ class ProjectRelayRateTests(_RateMeasurement):
     @defer.inlineCallbacks
     def test_project_relay_throughput_is_about_20_mbit_per_s(self) -> Any:
         try:
-            from nodepass.tunnel.relay import RelayProtocol, join
+            from nodepass.relay import RelayProtocol, join
         except ImportError as exc:  # pragma: no cover - relay module not present
             raise unittest.SkipTest(f"nodepass.tunnel.relay unavailable: {exc}") from None
 

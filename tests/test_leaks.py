@@ -180,8 +180,8 @@ class TunnelChurnTests(LeakTestCase):
         return server
 
     @inlineCallbacks
-    def test_200_short_connections(self) -> Any:
-        """200 short connections through a tunnel: descriptors and timers return to the baseline."""
+    def test_1000_short_connections(self) -> Any:
+        """1000 short connections through a tunnel: descriptors and timers return to the baseline."""
         echo_port = echo_server(self)
         tunnel_port, local_port = free_ports(2)
         server, client = yield self.start_pair(tunnel_port, local_port, echo_port)
@@ -189,15 +189,15 @@ class TunnelChurnTests(LeakTestCase):
             yield echo_roundtrip(local_port, b"warm-up")
         yield wait_for(lambda: client.stats.tcps == 0 and server.stats.tcps == 0)
         fd_base, timer_base, growth = *self.baseline(), pool_growth(client)
-        for batch in range(10):
+        for batch in range(50):
             results = yield DeferredList(
                 [echo_roundtrip(local_port, b"%d-%d " % (batch, i) * 50) for i in range(20)],
                 consumeErrors=True,
             )
             self.assertTrue(all(ok for ok, _ in results), [r for ok, r in results if not ok][:1])
         yield wait_for(lambda: client.stats.tcps == 0 and server.stats.tcps == 0)
-        self.assertGreaterEqual(client.stats.tcprx, 200 * 50 * 4)
-        yield self.settle("tunnel: 200 short connections", fd_base, timer_base, growth)
+        self.assertGreaterEqual(client.stats.tcprx, 1000 * 50 * 4)
+        yield self.settle("tunnel: 1000 short connections", fd_base, timer_base, growth)
 
     @inlineCallbacks
     def test_client_reconnects_after_5_server_restarts(self) -> Any:

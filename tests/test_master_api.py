@@ -98,7 +98,8 @@ class MasterAPITests(TestCase):
         self.assertIn(r.code, (200, 404))  # 404 only when the Swagger UI files are not installed
         self.assertCors(r)
         r = yield self.m.request("POST", "/openapi.json", key=None)
-        self.assertEqual(r.code, 200)
+        self.assertError(r, 405, "Method not allowed")
+        self.assertEqual(r.header("Allow"), "GET, HEAD, OPTIONS")
 
     @inlineCallbacks
     def test_unknown_paths(self) -> Any:
@@ -175,12 +176,74 @@ class MasterAPITests(TestCase):
 
     @inlineCallbacks
     def test_method_not_allowed(self) -> Any:
+        """Every method a route does not serve: JSON 405 with Allow, everywhere, no HTML page."""
         inst = yield self.create()
-        for method, path in [("DELETE", "/instances"), ("PUT", "/instances"),
-                             ("POST", f"/instances/{inst['id']}"), ("POST", "/events"),
-                             ("DELETE", "/info"), ("POST", "/tcping")]:
-            r = yield self.m.request(method, path)
-            self.assertError(r, 405, "Method not allowed")
+        allow = {
+            "/instances": "GET, HEAD, POST, OPTIONS",
+            f"/instances/{inst['id']}": "GET, HEAD, PATCH, PUT, DELETE, OPTIONS",
+            "/instances/********": "GET, HEAD, PATCH, PUT, DELETE, OPTIONS",
+            "/events": "GET, HEAD, OPTIONS",
+            "/info": "GET, HEAD, POST, OPTIONS",
+            "/tcping?target=127.0.0.1:1": "GET, HEAD, OPTIONS",
+            "/openapi.json": "GET, HEAD, OPTIONS",
+            "/docs": "GET, HEAD, OPTIONS",
+            "/docs/swagger-ui.css": "GET, HEAD, OPTIONS",
+            "/docs/no-such-file": "GET, HEAD, OPTIONS",
+        }
+        methods = ("GET", "POST", "PUT", "PATCH", "DELETE", "TRACE", "CONNECT", "PROPFIND", "FOO")
+        for path, allowed in allow.items():
+            for method in methods:
+                if method in allowed.split(", "):
+                    continue
+                r = yield self.m.request(method, path)
+                self.assertEqual(r.code, 405, (method, path, r.body))
+                self.assertError(r, 405, "Method not allowed")
+                self.assertEqual(r.header("Allow"), allowed)
+        # the key is checked first on protected routes, the id is looked up first on instances
+        r = yield self.m.request("TRACE", "/info", key=None)
+        self.assertError(r, 401, "Unauthorized: API key required")
+        r = yield self.m.request("TRACE", "/instances/abcdef01")
+        self.assertError(r, 404, "Instance not found")
+        self.assertIsNone(r.header("Allow"))
+
+    @inlineCallbacks
+    def test_head_like_get_without_body(self) -> Any:
+        inst = yield self.create()
+        paths = ["/instances", f"/instances/{inst['id']}", "/instances/********", "/info",
+                 "/tcping?target=127.0.0.1:1", "/openapi.json", "/docs", "/docs/swagger-ui.css",
+                 "/instances/abc", "/docs/nope"]
+        for path in paths:
+            get = yield self.m.request("GET", path)
+            head = yield self.m.request("HEAD", path)
+            with self.subTest(path=path):
+                self.assertEqual(head.code, get.code)
+                self.assertEqual(head.body, b"")
+                self.assertEqual(head.header("Content-Type"), get.header("Content-Type"))
+                if path not in ("/info", "/tcping?target=127.0.0.1:1"):  # uptime, latency may change
+                    self.assertEqual(head.header("Content-Length"), str(len(get.body)))
+                self.assertCors(head)
+        head = yield self.m.request("HEAD", "/info", key=None)
+        self.assertEqual((head.code, head.body), (401, b""))
+        # HEAD on the event stream: its headers, no subscription
+        head = yield self.m.request("HEAD", "/events")
+        self.assertEqual((head.code, head.body), (200, b""))
+        self.assertEqual(head.header("Content-Type"), "text/event-stream")
+        self.assertEqual(self.m.service.events.subscribers, [])
+
+    @inlineCallbacks
+    def test_no_html_error_pages(self) -> Any:
+        """404s below and beside the route base are JSON, for any method."""
+        for method in ("GET", "POST", "DELETE", "TRACE"):
+            for path in ("/docs/nope", "/docs/swagger-ui.css/x", "/nope", "/info/x"):
+                if method != "GET" and path.startswith("/docs"):
+                    continue  # 405 there (test_method_not_allowed)
+                r = yield self.m.request(method, path)
+                with self.subTest(method=method, path=path):
+                    self.assertEqual(r.code, 404)
+                    self.assertEqual(r.header("Content-Type"), "application/json")
+                    self.assertIn("error", r.json())
+            r = yield self.m.request(method, self.m.root + "/elsewhere", absolute=True)
+            self.assertEqual((r.code, r.json()), (404, {"error": "Not found"}))
 
     # ---------------------------------------------------------------- single instance
     @inlineCallbacks
@@ -226,6 +289,47 @@ class MasterAPITests(TestCase):
         # case-insensitive field names
         r = yield self.m.request("PATCH", path, body={"ALIAS": "upper"})
         self.assertEqual(r.json()["alias"], "upper")
+
+    @inlineCallbacks
+    def test_null_is_a_field_left_out(self) -> Any:
+        """``null`` anywhere in a request body means "not given" (as NodePass decodes it)."""
+        inst = yield self.create()
+        iid = inst["id"]
+        r = yield self.m.request("PATCH", f"/instances/{iid}", body={
+            "alias": "kept", "restart": False,
+            "meta": {"peer": {"sid": SID, "type": "1", "alias": "p"}, "tags": {"a": "b"}},
+        })
+        self.assertEqual(r.code, 200, r.body)
+        before = r.json()
+        for body in (
+            {"alias": None, "action": None, "restart": None, "meta": None},
+            {"meta": {"peer": None, "tags": None}},
+            {"meta": {"peer": {"sid": None, "type": None, "alias": None}}},
+            {"ALIAS": None, "Meta": {"PEER": {"SID": None}}},
+        ):
+            r = yield self.m.request("PATCH", f"/instances/{iid}", body=body)
+            with self.subTest(body=body):
+                self.assertEqual(r.code, 200, r.body)
+                self.assertEqual(r.json(), before)
+        r = yield self.m.request("POST", "/instances", body={"url": SERVER_URL, "alias": None})
+        self.assertEqual((r.code, r.json()["alias"]), (201, ""))
+        for body in ({"url": None}, {"url": None, "alias": "x"}):
+            r = yield self.m.request("POST", "/instances", body=body)
+            self.assertError(r, 400, "Invalid request body")
+            r = yield self.m.request("PUT", f"/instances/{iid}", body=body)
+            self.assertError(r, 400, "Invalid request body")
+        r = yield self.m.request("POST", "/info", body={"alias": "m"})
+        self.assertEqual(r.json()["alias"], "m")
+        r = yield self.m.request("POST", "/info", body={"alias": None})
+        self.assertEqual(r.json()["alias"], "")
+
+    @inlineCallbacks
+    def test_url_must_start_with_its_scheme(self) -> Any:
+        for url in (" " + SERVER_URL, "\t" + SERVER_URL, SERVER_URL + "\n", SERVER_URL + "?x=\x7f"):
+            r = yield self.m.request("POST", "/instances", body={"url": url})
+            self.assertEqual(r.code, 400, url)
+        r = yield self.m.request("POST", "/instances", body={"url": "SERVER" + SERVER_URL[6:]})
+        self.assertEqual(r.code, 201)
 
     @inlineCallbacks
     def test_patch_validation_applies_nothing(self) -> Any:

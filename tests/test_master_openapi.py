@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
@@ -20,9 +22,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from nodepass.master import docs as docs_module
+from nodepass.master.app import ROUTE_METHODS, allow_header
 from nodepass.master.docs import ASSETS, docs_resource, swagger_ui_directory
-from nodepass.master.openapi import openapi_document
-from nodepass.master.tcping import Tcping
+from nodepass.master.openapi import ID_PATTERN, TARGET_PATTERN, URL_PATTERN, openapi_document
+from nodepass.master.tcping import Tcping, split_target
 
 BASE = "/api/v1"
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -189,7 +192,7 @@ class DocumentTests(unittest.TestCase):
         self.assertEqual(set(schemas["Event"]["required"]), {"type", "time", "instance", "logs"})
         self.assertEqual(
             schemas["InstancePatch"]["properties"]["action"]["enum"],
-            ["start", "stop", "restart", "reset"],
+            ["start", "stop", "restart", "reset", "", None],
         )
 
     def test_schemas_accept_real_shapes(self) -> None:
@@ -231,6 +234,102 @@ class DocumentTests(unittest.TestCase):
                 {"type": "bogus", "time": "x", "instance": None, "logs": ""}
             )
         )
+
+
+class AgreementTests(unittest.TestCase):
+    """The document's patterns and null rules against the server's own checks."""
+
+    def setUp(self) -> None:
+        self.doc = openapi_document(BASE)
+
+    def test_route_methods_are_the_documented_ones(self) -> None:
+        for path, methods in ROUTE_METHODS.items():
+            documented = {m.upper().encode() for m in METHODS if m in self.doc["paths"][path]}
+            self.assertEqual(set(methods), documented, path)
+        self.assertEqual(set(ROUTE_METHODS), set(self.doc["paths"]))
+        self.assertEqual(allow_header((b"GET", b"POST")), b"GET, HEAD, POST, OPTIONS")
+        allow = self.doc["components"]["responses"]["MethodNotAllowed"]["headers"]["Allow"]
+        self.assertIs(allow["required"], True)
+
+    def test_ids(self) -> None:
+        from nodepass.master.instances import _new_hex
+
+        for _ in range(100):
+            self.assertRegex(_new_hex(4), ID_PATTERN)
+        self.assertRegex("********", ID_PATTERN)
+        for bad in ("", "abc", "ABCDEF01", "*******", "abcdef012", "a/b"):
+            self.assertNotRegex(bad, ID_PATTERN)
+
+    @given(st.text())
+    @settings(max_examples=300, deadline=None)
+    def test_target_pattern_rejections_are_server_rejections(self, target: str) -> None:
+        if re.search(TARGET_PATTERN, target) is None:
+            self.assertRaises(ValueError, split_target, target)
+
+    @given(st.from_regex(TARGET_PATTERN, fullmatch=True).filter(lambda t: t.rsplit(":", 1)[1].isdigit()))
+    @settings(max_examples=200, deadline=None)
+    def test_numeric_targets_in_range_are_accepted(self, target: str) -> None:
+        port = int(target.rsplit(":", 1)[1])
+        if port <= 65535:
+            self.assertEqual(split_target(target)[1], port)
+        else:
+            self.assertRaises(ValueError, split_target, target)
+
+    def test_target_samples(self) -> None:
+        for good in ("127.0.0.1:80", "[::1]:443", "example.com:http", ":22", "host:0080"):
+            self.assertRegex(good, TARGET_PATTERN)
+            split_target(good)
+        for bad in ("nohost", "a:b:c", "[::1]", "::1:80", "a:٣", "a:", "[a]x:1"):
+            self.assertNotRegex(bad, TARGET_PATTERN)
+            self.assertRaises(ValueError, split_target, bad)
+
+    @given(st.one_of(st.text(), st.text().map(lambda t: "server://" + t), st.text().map(lambda t: " client://" + t)))
+    @settings(max_examples=300, deadline=None)
+    def test_url_pattern_rejections_are_server_rejections(self, url: str) -> None:
+        from nodepass.master.instances import ApiError, check_instance_url
+        from nodepass.url import parse_master_url
+
+        if re.search(URL_PATTERN, url) is None:
+            with self.assertRaises(ApiError) as caught:
+                check_instance_url(url, parse_master_url("master://127.0.0.1:0"))
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_null_accepted_where_the_server_ignores_it(self) -> None:
+        for name, body in (
+            ("InstancePatch", {"alias": None, "action": None, "restart": None, "meta": None}),
+            ("InstancePatch", {"meta": {"peer": None, "tags": None}}),
+            ("InstancePatch", {"meta": {"peer": {"sid": None, "type": None, "alias": None}}}),
+            ("InstancePatch", {"action": "", "meta": {"peer": {"sid": ""}}}),
+            ("InstanceCreate", {"url": "server://:1/a:2", "alias": None}),
+            ("InfoPatch", {"alias": None}),
+        ):
+            with self.subTest(name=name, body=body):
+                schema_validator(self.doc, name).validate(body)
+        for name, body in (
+            ("InstanceCreate", {"url": None}),
+            ("InstancePut", {"url": None}),
+            ("InstancePatch", {"meta": {"tags": {"a": None}}}),
+            ("InstanceCreate", {"url": " server://:1/a:2"}),
+            ("InstanceCreate", {"url": "server://:1/a:2", "alias": "a" * 257}),
+        ):
+            with self.subTest(name=name, body=body):
+                self.assertFalse(schema_validator(self.doc, name).is_valid(body))
+
+    def test_links_follow_created_instances(self) -> None:
+        operation_ids = {
+            op["operationId"] for item in self.doc["paths"].values() for m, op in item.items() if m in METHODS
+        }
+        created = self.doc["paths"]["/instances"]["post"]["responses"]["201"]["links"]
+        self.assertEqual(
+            {link["operationId"] for link in created.values()},
+            {"getInstance", "updateInstance", "replaceInstanceUrl", "deleteInstance"},
+        )
+        for item in self.doc["paths"].values():
+            for method, operation in item.items():
+                for response in operation.get("responses", {}).values() if method in METHODS else ():
+                    for link in response.get("links", {}).values():
+                        self.assertIn(link["operationId"], operation_ids)
+                        self.assertEqual(set(link["parameters"]), {"id"})
 
 
 def mounted(base: str, resource: IResource) -> Resource:
@@ -391,8 +490,6 @@ class LiveApiTests(unittest.TestCase):
             ("/info", "post"): {"alias": ""},
         }
         for path, item in self.doc["paths"].items():
-            if path in PUBLIC:
-                continue
             for method in METHODS:
                 if path == "/events" and method == "get":
                     continue  # an endless stream; covered by the events tests
@@ -407,6 +504,10 @@ class LiveApiTests(unittest.TestCase):
                     else:
                         self.assertEqual(response.code, 405)
                         schema_validator(self.doc, "Error").validate(response.json())
+                        allowed = response.header("Allow").split(", ")
+                        documented = [m.upper() for m in METHODS if m in item]
+                        self.assertEqual(set(allowed) - {"HEAD", "OPTIONS"}, set(documented))
+                        self.assertEqual(allowed[-1], "OPTIONS")
 
     @inlineCallbacks
     def test_openapi_json_served_without_key(self) -> Any:

@@ -786,7 +786,7 @@ class SniTests(unittest.TestCase):
 
     def _server_names(self, pair: Pair) -> set[Any]:
         pool = pair.server.session.pool  # type: ignore[union-attr]
-        return {c.transport.getHandle().get_servername() for c in pool._conns if c.transport is not None}
+        return {c.transport.server_name for c in pool._conns if c.transport is not None}
 
     @defer.inlineCallbacks
     def test_tls2_pool_connections_send_sni(self) -> Any:
@@ -800,7 +800,7 @@ class SniTests(unittest.TestCase):
         pair = yield Pair(self, target.addr, tls=2, server_q=f"&crt={crt}&key={key}",
                           client_q="&sni=np-test.example").start()
         yield echo_once(self, pair.user_port)
-        self.assertEqual(self._server_names(pair), {b"np-test.example"})
+        self.assertEqual(self._server_names(pair), {"np-test.example"})
 
     @defer.inlineCallbacks
     def test_tls1_sends_no_sni(self) -> Any:

@@ -8,7 +8,8 @@ from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.trial import unittest
 
-from nodepass.pool.tcp import CONTROL_ID, ClientPool, PoolError, ServerPool
+from nodepass.pool.base import CONTROL_ID, PoolError
+from nodepass.pool.tcp import TcpClientPool, TcpServerPool
 from tests.support import RawClient, connect, quiet_logger, silent_listener, sleep, wait_for
 
 reactor: Any = _reactor
@@ -16,7 +17,7 @@ reactor: Any = _reactor
 
 class ServerPoolTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.pool = ServerPool(reactor, quiet_logger(), max_cap=8, client_ip="127.0.0.1", keepalive=1.0)
+        self.pool = TcpServerPool(reactor, quiet_logger(), max_cap=8, client_ip="127.0.0.1", keepalive=1.0)
         self.port = reactor.listenTCP(0, self.pool.factory(), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.addCleanup(self.pool.close)
@@ -136,10 +137,10 @@ class ServerPoolTests(unittest.TestCase):
 class ClientPoolTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_fills_and_matches_server_ids(self) -> Any:
-        server = ServerPool(reactor, quiet_logger(), max_cap=16, client_ip="127.0.0.1")
+        server = TcpServerPool(reactor, quiet_logger(), max_cap=16, client_ip="127.0.0.1")
         port = reactor.listenTCP(0, server.factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        client = ClientPool(reactor, quiet_logger(), min_cap=4, max_cap=16, min_interval=0.05, max_interval=0.2,
+        client = TcpClientPool(reactor, quiet_logger(), min_cap=4, max_cap=16, min_interval=0.05, max_interval=0.2,
                             keepalive=1.0, host="127.0.0.1", port=port.getHost().port)
         self.addCleanup(client.close)
         self.addCleanup(server.close)
@@ -159,7 +160,7 @@ class ClientPoolTests(unittest.TestCase):
         self.assertEqual(client.active, 0)
 
     def test_adaptive_rules(self) -> None:
-        c = ClientPool(reactor, quiet_logger(), min_cap=2, max_cap=5, min_interval=0.1, max_interval=0.5,
+        c = TcpClientPool(reactor, quiet_logger(), min_cap=2, max_cap=5, min_interval=0.1, max_interval=0.5,
                        keepalive=1.0, host="127.0.0.1", port=1)
         self.assertEqual((c.capacity, c.interval), (2, 0.1))
         c._adjust_capacity(2)  # ratio 1.0 > 0.8: grow
@@ -183,7 +184,7 @@ class ClientPoolTests(unittest.TestCase):
         self.assertAlmostEqual(c.interval, 0.4)
 
     def test_swaps_min_max(self) -> None:
-        c = ClientPool(reactor, quiet_logger(), min_cap=9, max_cap=3, min_interval=1.0, max_interval=0.1,
+        c = TcpClientPool(reactor, quiet_logger(), min_cap=9, max_cap=3, min_interval=1.0, max_interval=0.1,
                        keepalive=1.0, host="127.0.0.1", port=1)
         self.assertEqual((c.min_cap, c.max_cap), (3, 9))
         self.assertEqual((c.min_interval, c.max_interval), (0.1, 1.0))
@@ -192,7 +193,7 @@ class ClientPoolTests(unittest.TestCase):
     def test_id_never_arrives_is_bounded(self) -> Any:
         """A server that accepts but never sends an ID does not add connections."""
         silent = silent_listener(self, 16)
-        client = ClientPool(reactor, quiet_logger(), min_cap=2, max_cap=2, min_interval=0.05, max_interval=0.05,
+        client = TcpClientPool(reactor, quiet_logger(), min_cap=2, max_cap=2, min_interval=0.05, max_interval=0.05,
                             keepalive=1.0, host="127.0.0.1", port=silent.getsockname()[1])
         client.start()
         yield sleep(0.3)

@@ -41,11 +41,13 @@ class NodePassProcess(protocol.ProcessProtocol):
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.raw = b""
         self._partial = b""
         self.ended: Deferred[None] = Deferred()
         self.reason: Failure | None = None
 
     def outReceived(self, data: bytes) -> None:
+        self.raw += data
         self._partial += data
         *complete, self._partial = self._partial.split(b"\n")
         self.lines.extend(_ANSI.sub("", line.decode("utf-8", "replace")) for line in complete)
@@ -234,6 +236,10 @@ class MasterProcessTests(TestCase):
         self.assertEqual(code, 201, manual)
         code, _ = yield api.call("PATCH", f"/instances/{manual['id']}", {"restart": False})
         self.assertEqual(code, 200)
+        # The master's own lines are never summarised: one line per instance created.
+        yield wait_for(lambda: manual["id"] in proc.text)
+        created = [line for line in proc.lines if "Instance created:" in line]
+        self.assertEqual(len(created), 3, created)
         payload = b"nodepass-process-" * 1000
         got = yield echo_roundtrip(local_port, payload)
         self.assertEqual(got, payload)
@@ -295,6 +301,9 @@ class MasterProcessTests(TestCase):
         self.exited_cleanly(status)
         final = state_instances(state_dir)
         self.assertGreaterEqual(final[client["id"]]["tcprx"], 2 * len(payload))
+        # output to a pipe (a journal, a file) is plain, instance lines echoed by the master too
+        self.assertIn(b"  INFO  Master started", proc2.raw)
+        self.assertNotIn(b"\x1b[", proc.raw + proc2.raw)
         return state_dir, proc2
 
     def test_sigterm_saves_and_restart_restores(self) -> Any:

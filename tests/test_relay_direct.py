@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from nodepass.log import NodePassLogger
+from nodepass.relay import direct_writer
 from nodepass.tls import client_connection_creator, server_tls
-from nodepass.tunnel.relay import direct_writer
 
 
 class _Collect(Protocol):

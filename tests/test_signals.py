@@ -92,10 +92,18 @@ class FakePool:
     def flush(self) -> None:
         self.flushed += 1
 
+    def has(self, cid: str) -> bool:
+        return cid in self.conns
+
+    def incoming_get(self, timeout: float, newest: bool = False) -> object:
+        from twisted.internet import defer
+
+        return defer.Deferred()  # no idle connection: our own verify waits
+
     def outgoing_get(self, cid: str, timeout: float) -> object:
         from twisted.internet import defer
 
-        from nodepass.pool.tcp import PoolError
+        from nodepass.pool import PoolError
 
         if cid in self.conns:
             return defer.succeed(self.conns.pop(cid))
@@ -122,9 +130,9 @@ class ControlChannelTests(unittest.TestCase):
         from twisted.internet.testing import StringTransport
 
         from nodepass.env import Settings
+        from nodepass.relay import RelayProtocol
         from nodepass.stats import TunnelStats
         from nodepass.tunnel.health import ControlChannel
-        from nodepass.tunnel.relay import RelayProtocol
 
         self.clock = Clock()
         self.records: list = []
@@ -222,10 +230,40 @@ class ControlChannelTests(unittest.TestCase):
         self.assertIn("fingerprint mismatch", self.failures[0])
 
     def test_verify_tls2_client_ignores_empty_fp_and_does_not_send(self) -> None:
+        """A v1.14.0 tls=2 server's verify (no fp): ignored, but the ingress goes back to
+        oldest-first and the connection it named (closed by the peer) leaves the idle pool."""
         ch = self.make(tls=2, role="client")
         self.assertFalse(ch.sends_verify)
         self.assertFalse(ch.gates_ingress)
         ch.start()
+        self.assertTrue(ch.newest_first)
+        named = FakeConn("")
+        self.pool.conns["00aa00aa"] = named
         self.feed(Signal("verify", id="00aa00aa"))
+        self.assertEqual(self.failures, [])
+        self.assertFalse(ch.newest_first)
+        self.assertTrue(named.closed)
+        self.assertNotIn("00aa00aa", self.pool.conns)
+        self.assertEqual(self.verified, [])  # tls 2 never gated the ingress
+        self.assertNotIn(Signal("verify"), [Signal(s.action) for s in self.sent()])
+        ch.stop()
+
+    def test_tls2_newest_first_ends_after_two_intervals_without_a_verify(self) -> None:
+        for role in ("server", "client"):
+            ch = self.make(tls=2, role=role)
+            ch.start()
+            self.clock.advance(1.9)
+            self.assertTrue(ch.newest_first, role)
+            self.clock.advance(0.2)
+            self.assertFalse(ch.newest_first, role)
+            self.assertEqual(self.verified, [], role)
+            ch.stop()
+
+    def test_tls2_server_back_to_oldest_first_after_a_matching_verify(self) -> None:
+        ch = self.make(tls=2, role="server")
+        ch.start()
+        self.pool.conns["00cc00cc"] = FakeConn("")
+        self.feed(Signal("verify", id="00cc00cc", fp="sha256:SERVER"))
+        self.assertFalse(ch.newest_first)
         self.assertEqual(self.failures, [])
         ch.stop()

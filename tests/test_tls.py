@@ -5,16 +5,28 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from nodepass.log import Level, LogRecord
-from nodepass.tls import ServerTLS, client_connection_creator, fingerprint, self_signed_pem, server_tls
-from tests.support import make_cert_files, quiet_logger
+from nodepass.relay.tls import TLSFactory
+from nodepass.tls import (
+    ServerTLS,
+    client_connection_creator,
+    client_ssl_context,
+    fingerprint,
+    self_signed_pem,
+    server_tls,
+)
+from tests.support import make_cert_files, quiet_logger, reactor
 
 
 class Capture:
@@ -129,3 +141,106 @@ class ClientCreatorTests(unittest.TestCase):
         self.assertIsNone(client_connection_creator(0, "none"))
         self.assertIsNotNone(client_connection_creator(1, "none"))
         self.assertIsNotNone(client_connection_creator(2, "localhost"))
+
+
+class _Greeter(Protocol):
+    """Server side: says ``ok`` once the TLS handshake is through."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"ok")
+
+
+class _Listener(Protocol):
+    """Client side: keeps what arrives; ``done`` fires with it when the connection ends."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.data)
+
+
+class Code2ClientVerificationTests(unittest.TestCase):
+    """Our tls=2 client against a real TLS server: the chain must be trusted (``SSL_CERT_FILE``) and
+    the certificate's subjectAltName must match ``sni``, as the Go client requires; a refusal fails
+    the connection without a traceback (trial turns a logged traceback into an error)."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        old = os.environ.get("SSL_CERT_FILE")
+        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old is not None
+                        else os.environ.pop("SSL_CERT_FILE", None))
+
+    @defer.inlineCallbacks
+    def handshake(self, cert: tuple[str, str], trusted: str, name: str = "localhost") -> Any:
+        """What the client got from a server using *cert*, trusting the file *trusted*, asking for *name*."""
+        crt, key = cert
+        os.environ["SSL_CERT_FILE"] = trusted
+        creator = server_tls(2, crt, key, logger=quiet_logger())
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(creator, False, Factory.forProtocol(_Greeter)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Listener()
+        factory = TLSMemoryBIOFactory(client_connection_creator(2, name), True,
+                                      ClientFactory.forProtocol(lambda: client))
+        reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        got = yield client.done
+        return got
+
+    def pair(self, sub: str, **kwargs: Any) -> tuple[str, str]:
+        os.makedirs(os.path.join(self.dir, sub))
+        crt, key, _der = make_cert_files(os.path.join(self.dir, sub), **kwargs)
+        return crt, key
+
+    @defer.inlineCallbacks
+    def test_trusted_and_named(self) -> Any:
+        cert = self.pair("good")
+        got = yield self.handshake(cert, cert[0])
+        self.assertEqual(got, b"ok")
+
+    @defer.inlineCallbacks
+    def test_untrusted_refused(self) -> Any:
+        cert, other = self.pair("good"), self.pair("other")
+        got = yield self.handshake(cert, other[0])
+        self.assertEqual(got, b"")
+
+    @defer.inlineCallbacks
+    def test_other_name_refused(self) -> Any:
+        cert = self.pair("good")
+        got = yield self.handshake(cert, cert[0], name="elsewhere.example")
+        self.assertEqual(got, b"")
+
+    @defer.inlineCallbacks
+    def test_no_subject_alt_name_refused(self) -> Any:
+        """Regression: a trusted certificate naming the host only in its CN used to pass, with a
+        traceback logged for every connection."""
+        cert = self.pair("cn-only", cn="localhost", names=())
+        got = yield self.handshake(cert, cert[0])
+        self.assertEqual(got, b"")
+
+
+class LeanCode2ClientVerificationTests(Code2ClientVerificationTests):
+    """The same rules on the lean TLS layer that carries TCP pool connections
+    (:mod:`nodepass.relay.tls` with the standard library's contexts)."""
+
+    @defer.inlineCallbacks
+    def handshake(self, cert: tuple[str, str], trusted: str, name: str = "localhost") -> Any:
+        crt, key = cert
+        os.environ["SSL_CERT_FILE"] = trusted
+        server = server_tls(2, crt, key, logger=quiet_logger())
+        assert server is not None
+        port = reactor.listenTCP(0, TLSFactory(server.ssl_context, True, Factory.forProtocol(_Greeter)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Listener()
+        factory = TLSFactory(client_ssl_context(2, name), False, ClientFactory.forProtocol(lambda: client), name)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        got = yield client.done
+        return got

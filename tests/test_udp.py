@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from nodepass.env import Settings
 from nodepass.log import LogRecord, NodePassLogger
+from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.udp import IdleTimer, PauseGate, UdpEgress, UdpIngress, peer_key
 from tests.support import UdpEcho, UdpUser, free_ports, quiet_logger, silent_listener, sleep, wait_for
 

@@ -11,7 +11,7 @@ found`` and, as both ends restart in step, the same order tends to come back
 every time and the tunnel never becomes ready.
 
 The first tests drive two real :class:`ControlChannel` objects over real
-:class:`ServerPool`/:class:`ClientPool` instances whose connections sit on
+:class:`TcpServerPool`/:class:`TcpClientPool` instances whose connections sit on
 in-memory transports, and deliver IDs, signals and closes in a chosen order
 (including every possible order of the two exchanges).  The last one runs a
 tls=1 server and client on real sockets a few times in a row.
@@ -33,7 +33,8 @@ from twisted.trial import unittest
 
 from nodepass.env import Settings
 from nodepass.log import Level, NodePassLogger
-from nodepass.pool.tcp import CONTROL_ID, ClientPool, PoolConnection, ServerPool
+from nodepass.pool.base import CONTROL_ID, PoolConnection
+from nodepass.pool.tcp import TcpClientPool, TcpServerPool
 from nodepass.stats import TunnelStats
 from nodepass.tls import fingerprint, self_signed_pem
 from nodepass.tunnel.health import ControlChannel
@@ -82,11 +83,11 @@ class _End:
         logger = NodePassLogger("debug", stream=None)
         logger.add_observer(lambda r: self.logs.append(r.text))
         self.logger = logger
-        self.pool: ServerPool | ClientPool
+        self.pool: TcpServerPool | TcpClientPool
         if role == "server":
-            self.pool = ServerPool(self.clock, logger, max_cap=64, client_ip="")
+            self.pool = TcpServerPool(self.clock, logger, max_cap=64, client_ip="")
         else:
-            self.pool = ClientPool(
+            self.pool = TcpClientPool(
                 self.clock, logger, min_cap=1, max_cap=64, min_interval=1.0, max_interval=1.0,
                 keepalive=INTERVAL, connect=lambda factory: None,
             )

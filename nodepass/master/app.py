@@ -11,16 +11,21 @@ path                       methods                  auth
 ``/events``                GET (SSE)                X-API-Key
 ``/info``                  GET, POST                X-API-Key
 ``/tcping?target=h:p``     GET                      X-API-Key
-``/openapi.json``          any                      none
-``/docs``                  any                      none
+``/openapi.json``          GET                      none
+``/docs`` and its files    GET                      none
 =========================  =======================  ==========
 
 Every response carries the CORS headers; ``OPTIONS`` on any route answers
-200 with an empty body before the key is checked.  The key is compared in
-constant time.  Errors are ``{"error": "<message>"}``; JSON bodies end with a
-newline.  Request bodies are JSON objects; duplicate keys are detected (a
-duplicate tag key is a 400, as is any other duplicate), and top-level field
-names match case-insensitively.
+200 with an empty body before the key is checked.  ``HEAD`` is answered
+wherever ``GET`` is, with the same status and headers and no body (``HEAD``
+on ``/events`` does not subscribe).  Any other method a route does not serve
+is a JSON 405 with an ``Allow`` header naming the methods it does serve
+(after the key check on protected routes, and after the id lookup on
+``/instances/{id}``, as NodePass orders them).  The key is compared in
+constant time.  Errors, 404 and 500 included, are ``{"error": "<message>"}``;
+JSON bodies end with a newline.  Request bodies are JSON objects; duplicate
+keys are detected (a duplicate tag key is a 400, as is any other duplicate),
+and top-level field names match case-insensitively.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from nodepass.master.openapi import openapi_document
 from nodepass.master.tcping import Tcping, TcpingBusy
 from nodepass.url import MasterURL
 
-__all__ = ["MasterAPI", "CORS_HEADERS", "MAX_BODY", "decode_body"]
+__all__ = ["MasterAPI", "CORS_HEADERS", "MAX_BODY", "ROUTE_METHODS", "allow_header", "decode_body"]
 
 CORS_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"Access-Control-Allow-Origin", b"*"),
@@ -62,6 +67,32 @@ CORS_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 
 MAX_BODY = 1 << 20
 """Largest accepted request body (bytes)."""
+
+ROUTE_METHODS: dict[str, tuple[bytes, ...]] = {
+    "/instances": (b"GET", b"POST"),
+    "/instances/{id}": (b"GET", b"PATCH", b"PUT", b"DELETE"),
+    "/events": (b"GET",),
+    "/info": (b"GET", b"POST"),
+    "/tcping": (b"GET",),
+    "/openapi.json": (b"GET",),
+    "/docs": (b"GET",),
+}
+"""The methods each route serves (besides ``HEAD`` where ``GET`` is, and ``OPTIONS``)."""
+
+
+def allow_header(methods: tuple[bytes, ...]) -> bytes:
+    """The ``Allow`` value for a route serving *methods*: ``HEAD`` after ``GET``, ``OPTIONS`` last."""
+    names: list[bytes] = []
+    for method in methods:
+        names.append(method)
+        if method == b"GET":
+            names.append(b"HEAD")
+    names.append(b"OPTIONS")
+    return b", ".join(names)
+
+
+def _serves(methods: tuple[bytes, ...], method: bytes) -> bool:
+    return method in methods or (method == b"HEAD" and b"GET" in methods)
 
 
 class _Object(dict):  # type: ignore[type-arg]
@@ -130,6 +161,15 @@ def _json(request: Any, status: int, value: Any) -> bytes:
 
 def _error(request: Any, status: int, message: str) -> bytes:
     return _json(request, status, {"error": message})
+
+
+def _refuse_method(request: Any, route: str) -> bytes | None:
+    """A JSON 405 with ``Allow`` unless *route* serves the request's method (``None`` then)."""
+    methods = ROUTE_METHODS[route]
+    if _serves(methods, request.method):
+        return None
+    request.setHeader(b"Allow", allow_header(methods))
+    return _error(request, 405, "Method not allowed")
 
 
 def _empty(request: Any, status: int) -> bytes:
@@ -250,6 +290,11 @@ class MasterAPI:
             return _error(request, 401, "Unauthorized: Invalid API key")
         return None
 
+    def _admit(self, request: Any, protected: bool, route: str) -> bytes | None:
+        """:meth:`_guard`, then the method check of *route*; a response ends the request."""
+        early = self._guard(request, protected)
+        return early if early is not None else _refuse_method(request, route)
+
     def _fail(self, request: Any, failure: Failure) -> bytes:
         if failure.check(ApiError):  # type: ignore[no-untyped-call]
             error: ApiError = failure.value  # type: ignore[assignment]
@@ -273,17 +318,15 @@ class MasterAPI:
     @app.route("/instances")
     def instances(self, request: Any) -> Any:
         """GET: every instance (pseudo-instance included); POST: create one (201)."""
-        early = self._guard(request, True)
+        early = self._admit(request, True, "/instances")
         if early is not None:
             return early
         try:
-            if request.method == b"GET":
-                return _json(request, 200, self.manager.list())
             if request.method == b"POST":
                 body = _fold(decode_body(_read(request)))
                 record = self.manager.create(body.get("url"), body.get("alias"))
                 return _json(request, 201, record.to_json())
-            return _error(request, 405, "Method not allowed")
+            return _json(request, 200, self.manager.list())
         except ApiError as exc:
             return _error(request, exc.status, exc.message)
 
@@ -304,9 +347,12 @@ class MasterAPI:
         record = self.manager.get(instance_id)
         if record is None:
             return _error(request, 404, "Instance not found")
+        refused = _refuse_method(request, "/instances/{id}")
+        if refused is not None:
+            return refused
         method = request.method
         try:
-            if method == b"GET":
+            if method in (b"GET", b"HEAD"):
                 return _json(request, 200, record.to_json())
             if method == b"PATCH":
                 body = _fold(decode_body(_read(request)))
@@ -328,15 +374,13 @@ class MasterAPI:
                     raise ApiError(403, "Forbidden: API Key")
                 body = _fold(decode_body(_read(request)))
                 d = self.manager.replace_url(record, body.get("url"))
-            elif method == b"DELETE":
+            else:  # DELETE
                 if record.id == PSEUDO_ID:
                     raise ApiError(403, "Forbidden: API Key")
                 d = self.manager.delete(record)
                 d.addCallback(lambda _: _empty(request, 204))
                 d.addErrback(lambda f: self._fail(request, f))
                 return d
-            else:
-                return _error(request, 405, "Method not allowed")
         except ApiError as exc:
             return _error(request, exc.status, exc.message)
 
@@ -352,15 +396,15 @@ class MasterAPI:
     @app.route("/events")
     def events_stream(self, request: Any) -> Any:
         """The SSE stream (see :mod:`nodepass.master.events`)."""
-        early = self._guard(request, True)
+        early = self._admit(request, True, "/events")
         if early is not None:
             return early
-        if request.method != b"GET":
-            return _error(request, 405, "Method not allowed")
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"Connection", b"keep-alive")
         request.setHeader(b"X-Accel-Buffering", b"no")
+        if request.method == b"HEAD":
+            return b""  # the headers of the stream, without subscribing
         subscriber = self.events.subscribe(request, self.manager.list())
         return subscriber.done
 
@@ -394,12 +438,10 @@ class MasterAPI:
     @app.route("/info")
     def info_route(self, request: Any) -> Any:
         """GET: master information; POST ``{"alias"}``: set the master alias."""
-        early = self._guard(request, True)
+        early = self._admit(request, True, "/info")
         if early is not None:
             return early
         try:
-            if request.method == b"GET":
-                return _json(request, 200, self.info())
             if request.method == b"POST":
                 body = _fold(decode_body(_read(request)))
                 alias = body.get("alias")
@@ -410,8 +452,7 @@ class MasterAPI:
                 if len(alias) > TEXT_LIMIT:
                     raise ApiError(400, f"Master alias exceeds maximum length {TEXT_LIMIT}")
                 self.manager.set_master_alias(alias)
-                return _json(request, 200, self.info())
-            return _error(request, 405, "Method not allowed")
+            return _json(request, 200, self.info())
         except ApiError as exc:
             return _error(request, exc.status, exc.message)
 
@@ -419,11 +460,9 @@ class MasterAPI:
     @app.route("/tcping")
     def tcping_route(self, request: Any) -> Any:
         """Probe ``target`` once: ``{"target","connected","latency","error"}``."""
-        early = self._guard(request, True)
+        early = self._admit(request, True, "/tcping")
         if early is not None:
             return early
-        if request.method != b"GET":
-            return _error(request, 405, "Method not allowed")
         args = request.args.get(b"target") or [b""]  # type: ignore[attr-defined]
         target = args[0].decode("utf-8", "replace")
         if not target:
@@ -442,18 +481,20 @@ class MasterAPI:
     @app.route("/openapi.json")
     def openapi(self, request: Any) -> Any:
         """The OpenAPI 3.1 document (no key needed)."""
-        early = self._guard(request, False)
+        early = self._admit(request, False, "/openapi.json")
         if early is not None:
             return early
+        body = json.dumps(openapi_document(self.master.base), indent="\t").encode("utf-8")
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(openapi_document(self.master.base), indent="\t").encode("utf-8")
+        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        return body
 
     @app.route("/docs", branch=True)
     def docs(self, request: Any) -> Any:
         """Swagger UI (no key needed), served from packaged assets."""
-        early = self._guard(request, False)
+        early = self._admit(request, False, "/docs")
         if early is not None:
             return early
         if self._docs is None:
-            self._docs = docs_resource(self.master.base)
+            self._docs = docs_resource(self.master.base, not_found=_JsonNotFound())
         return self._docs

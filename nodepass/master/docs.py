@@ -116,49 +116,59 @@ def render_missing_page(base: str) -> bytes:
 class _Asset(File):
     """One Swagger UI file, sent with a fixed content type and cache header."""
 
-    def __init__(self, path: Path, content_type: str) -> None:
+    def __init__(self, path: Path, content_type: str, not_found: IResource) -> None:
         super().__init__(str(path), defaultType=content_type)  # type: ignore[no-untyped-call]
         self.type = content_type
         self.encoding = None
+        self.childNotFound = not_found  # type: ignore[assignment]
 
     def render_GET(self, request: IRequest) -> bytes | int:  # type: ignore[override]
         request.setHeader(b"Cache-Control", b"public, max-age=86400")  # type: ignore[no-untyped-call]
         result: bytes | int = super().render_GET(request)  # type: ignore[no-untyped-call]
         return result
 
+    render_HEAD = render_GET  # File.render_GET sends no body for HEAD
+
 
 class _DocsPage(Resource):
     """The documentation page; its children are the Swagger UI files."""
 
-    def __init__(self, base: str, folder: Path | None) -> None:
+    def __init__(self, base: str, folder: Path | None, not_found: IResource) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self._not_found = not_found
         if folder is None:
             self._page = render_missing_page(base)
         else:
             self._page = render_page(base)
             for name, content_type in ASSETS.items():
-                self.putChild(name.encode("ascii"), _Asset(folder / name, content_type))
+                self.putChild(name.encode("ascii"), _Asset(folder / name, content_type, not_found))
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         if path == b"":
             return self
-        return NoResource()
+        return self._not_found
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")  # type: ignore[no-untyped-call]
-        return self._page
+        request.setHeader(b"Content-Length", str(len(self._page)).encode("ascii"))  # type: ignore[no-untyped-call]
+        return b"" if request.method == b"HEAD" else self._page
+
+    render_HEAD = render_GET
 
 
-def docs_resource(base: str) -> IResource:
+def docs_resource(base: str, not_found: IResource | None = None) -> IResource:
     """The Swagger UI resource for route base ``base`` (e.g. ``/api/v1``).
 
     Its own path serves the page, whose API description URL is
     ``<base>/openapi.json`` and whose assets are ``<base>/docs/<file>``.
     When the Swagger UI files are not installed the page says so and links
-    to the API description, and the assets answer 404.
+    to the API description, and the assets answer 404.  *not_found* answers
+    paths below the page that are no asset (Twisted's 404 page by default).
+    ``HEAD`` is answered like ``GET`` without a body; the resource serves no
+    other method (the caller refuses them first).
     """
     try:
         folder: Path | None = swagger_ui_directory()
     except SwaggerUIMissing:
         folder = None
-    return _DocsPage(base, folder)
+    return _DocsPage(base, folder, not_found if not_found is not None else NoResource())

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
@@ -90,6 +89,10 @@ COUNTER_SAVE_INTERVAL = 60.0
 ACTIONS = ("start", "stop", "restart", "reset")
 COUNTERS = ("tcprx", "tcptx", "udprx", "udptx")
 GAUGES = ("ping", "pool", "tcps", "udps")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+"""An instance URL starts with its scheme and ``://``, nothing before (not even a space)."""
 
 _UUID4 = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
@@ -335,19 +338,19 @@ def check_instance_url(url: Any, master: MasterURL) -> tuple[str, str, str]:
     """Validate an instance URL from a request; return ``(type, stored url, config)``.
 
     Raises :class:`ApiError` 400 with ``Invalid request body`` (missing/empty),
-    ``Invalid URL scheme`` (not server/client) or ``Invalid URL format: …``
-    (including a URL whose stored and canonical forms together exceed
-    :data:`URL_BYTES_LIMIT` bytes once percent-encoded).
+    ``Invalid URL scheme`` (not starting with ``server://`` or ``client://``, in
+    any case) or ``Invalid URL format: …`` (an ASCII control character anywhere,
+    a URL that does not parse, or one whose stored and canonical forms together
+    exceed :data:`URL_BYTES_LIMIT` bytes once percent-encoded).
     """
     if not isinstance(url, str) or not url:
         raise ApiError(400, "Invalid request body")
     if len(url) > URL_LIMIT:
         raise ApiError(400, f"Invalid URL format: longer than {URL_LIMIT} characters")
-    try:
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
-    except ValueError:
-        raise ApiError(400, "Invalid URL format") from None
-    if scheme not in ("server", "client") or "://" not in url:
+    if _CONTROL.search(url):
+        raise ApiError(400, "Invalid URL format: control character in URL")
+    scheme = _SCHEME.match(url)
+    if scheme is None or scheme.group(1).lower() not in ("server", "client"):
         raise ApiError(400, "Invalid URL scheme")
     try:
         parsed = parse_tunnel_url(url)
@@ -594,7 +597,14 @@ class InstanceManager(MultiService):
         stream: TextIO | None = None
         if self.output is not None:
             stream = _EchoStream(self.output, record.id)  # type: ignore[assignment]
-        return NodePassLogger(level or "info", namespace=f"nodepass.instance.{record.id}", stream=stream)
+        return NodePassLogger(
+            level or "info",
+            namespace=f"nodepass.instance.{record.id}",
+            stream=stream,
+            colour=self.logger.colour,
+            reactor=self.reactor,
+            repeat_interval=self.settings.log_repeat_interval,
+        )
 
     def _observer(self, record: InstanceRecord, service: IService) -> Callable[[LogRecord], None]:
         def observe(entry: LogRecord) -> None:
@@ -669,8 +679,11 @@ class InstanceManager(MultiService):
         self._changed(record, save=False)
 
     def _discard(self, record: InstanceRecord, service: IService) -> None:
-        if record.logger is not None and record.observer is not None:
-            record.logger.remove_observer(record.observer)
+        logger = record.logger
+        if logger is not None:
+            logger.flush()
+            if record.observer is not None:
+                logger.remove_observer(record.observer)
         record.service = record.logger = record.observer = None
         try:
             service.parent = None  # type: ignore[attr-defined]
@@ -686,6 +699,8 @@ class InstanceManager(MultiService):
                     service.stopService()  # type: ignore[no-untyped-call]
             except Exception:
                 pass
+        if logger is not None:
+            logger.flush()
 
     @inlineCallbacks
     def _stop(self, record: InstanceRecord) -> Any:
@@ -700,8 +715,11 @@ class InstanceManager(MultiService):
                 self._changed(record)
             return
         record.refresh()
-        if record.logger is not None and record.observer is not None:
-            record.logger.remove_observer(record.observer)
+        logger = record.logger
+        if logger is not None:
+            logger.flush()  # summaries of repeated lines still reach the event stream
+            if record.observer is not None:
+                logger.remove_observer(record.observer)
         record.service = None
         for name in COUNTERS:
             record.base[name] = record.totals[name]
@@ -713,6 +731,8 @@ class InstanceManager(MultiService):
             self.logger.info("Instance stopped [%s]", record.id)
         except Exception as exc:
             self.logger.warn("Instance force stopped: %s [%s]", exc, record.id)
+        if logger is not None:
+            logger.flush()
         record.logger = record.observer = None
         record.status = "stopped"
         for name in GAUGES:

@@ -12,8 +12,9 @@ import copy
 from typing import Any
 
 from nodepass.master.instances import TEXT_LIMIT as _TEXT_LIMIT
+from nodepass.master.instances import URL_LIMIT as _URL_LIMIT
 
-__all__ = ["OPENAPI_VERSION", "API_VERSION", "openapi_document"]
+__all__ = ["OPENAPI_VERSION", "API_VERSION", "ID_PATTERN", "URL_PATTERN", "TARGET_PATTERN", "openapi_document"]
 
 OPENAPI_VERSION = "3.1.1"
 API_VERSION = "v1"
@@ -37,6 +38,44 @@ def _error(name: str) -> Schema:
 
 def _counter(description: str) -> Schema:
     return {"type": "integer", "format": "int64", "minimum": 0, "description": description}
+
+
+def _nullable(schema: Schema) -> Schema:
+    """*schema* that also accepts ``null`` (which the server reads as "field left out")."""
+    out = dict(schema)
+    out["type"] = [schema["type"], "null"]
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+ID_PATTERN = "^([0-9a-f]{8}|\\*{8})$"
+"""Instance ids: 8 lowercase hex characters, or ``********`` for the API key."""
+
+URL_PATTERN = "^([Ss][Ee][Rr][Vv][Ee][Rr]|[Cc][Ll][Ii][Ee][Nn][Tt])://[^\\x00-\\x1f\\x7f]*$"
+"""Instance URLs: ``server://`` or ``client://`` (any case) first, no ASCII control character."""
+
+TARGET_PATTERN = "^(\\[[^\\[\\]]*\\]|[^:\\[\\]]*):([0-9]+|[A-Za-z0-9][A-Za-z0-9._+*/-]*)$"
+"""``/tcping`` targets: ``host:port`` or ``[IPv6]:port`` (Go's host:port rules), the port a
+number or a service name."""
+
+_UUID4_OR_EMPTY = (
+    "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12})?$"
+)
+
+_URL: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": _URL_LIMIT,
+    "pattern": URL_PATTERN,
+    "description": (
+        "Instance URL, `server://...` or `client://...` (scheme in any case; no control "
+        "characters; checked in full by the URL grammar, a URL that does not parse is a 400)."
+    ),
+    "examples": ["server://:10101/127.0.0.1:8080", "client://server.example:10101/127.0.0.1:8080"],
+}
+
+_NULL_NOTE = " `null` is the same as leaving the field out."
 
 
 _PEER: Schema = {
@@ -78,7 +117,7 @@ _INSTANCE: Schema = {
     "properties": {
         "id": {
             "type": "string",
-            "pattern": "^([0-9a-f]{8}|\\*{8})$",
+            "pattern": ID_PATTERN,
             "description": "8 lowercase hex characters, or `********` for the API key.",
         },
         "alias": {"type": "string", "description": "Instance alias; empty when unset."},
@@ -116,33 +155,45 @@ _INSTANCE: Schema = {
 
 _INSTANCE_CREATE: Schema = {
     "type": "object",
-    "description": "A new instance. It is started at once and restarted with the master.",
+    "description": (
+        "A new instance. It is started at once and restarted with the master. Field names "
+        "match in any case; other fields are ignored."
+    ),
     "required": ["url"],
     "properties": {
-        "url": {
-            "type": "string",
-            "minLength": 1,
-            "description": "Instance URL, `server://...` or `client://...`.",
-        },
-        "alias": {"type": "string", "description": "Instance alias."},
+        "url": _URL,
+        "alias": _nullable(
+            {
+                "type": "string",
+                "maxLength": _TEXT_LIMIT,
+                "description": f"Instance alias (at most {_TEXT_LIMIT} characters)." + _NULL_NOTE,
+            }
+        ),
     },
 }
 
 _PEER_PATCH: Schema = {
-    "type": "object",
-    "description": "New peer record; an empty object keeps the current one.",
+    "type": ["object", "null"],
+    "description": (
+        "New peer fields; a field left out (or `null`) keeps its value, so an empty object "
+        "keeps the peer. `null` keeps the whole peer."
+    ),
     "properties": {
-        "sid": {
-            "type": "string",
-            "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$",
-            "description": "Service id, a UUID v4 (36 characters, either case; stored as sent).",
-        },
-        "type": {
-            "type": "string",
-            "maxLength": _TEXT_LIMIT,
-            "description": 'Service type, free text; dashboards use "0" to "7".',
-        },
-        "alias": {"type": "string", "maxLength": _TEXT_LIMIT, "description": "Service alias."},
+        "sid": _nullable(
+            {
+                "type": "string",
+                "pattern": _UUID4_OR_EMPTY,
+                "description": "Service id: a UUID v4 (either case; stored as sent) or `\"\"`.",
+            }
+        ),
+        "type": _nullable(
+            {
+                "type": "string",
+                "maxLength": _TEXT_LIMIT,
+                "description": 'Service type, free text; dashboards use "0" to "7".',
+            }
+        ),
+        "alias": _nullable({"type": "string", "maxLength": _TEXT_LIMIT, "description": "Service alias."}),
     },
 }
 
@@ -150,46 +201,55 @@ _INSTANCE_PATCH: Schema = {
     "type": "object",
     "description": (
         "Changes to an instance; any combination of the fields. The whole body is "
-        "checked before any change is applied. On `********`, `action: restart` "
+        "checked before any change is applied. A field that is `null` is treated as left "
+        "out (at every level: `alias`, `action`, `restart`, `meta`, `meta.peer`, its "
+        "fields, and `meta.tags`). Field names of the body, of `meta` and of `meta.peer` "
+        "match in any case; other fields are ignored. On `********`, `action: restart` "
         "replaces the API key and every other field is ignored."
     ),
     "properties": {
-        "alias": {
-            "type": "string",
-            "maxLength": _TEXT_LIMIT,
-            "description": f"New alias (at most {_TEXT_LIMIT} bytes); an empty string leaves the alias unchanged.",
-        },
-        "action": {
-            "type": "string",
-            "enum": ["start", "stop", "restart", "reset"],
-            "description": "`start`, `stop`, `restart` the instance, or `reset` its traffic counters.",
-        },
-        "restart": {"type": "boolean", "description": "Start this instance when the master starts."},
-        "meta": {
-            "type": "object",
-            "description": "Dashboard metadata; a part left out is kept.",
-            "properties": {
-                "peer": _ref("PeerPatch"),
-                "tags": {
-                    "allOf": [_ref("Tags")],
-                    "description": "Replaces every tag; an empty object removes them all.",
+        "alias": _nullable(
+            {
+                "type": "string",
+                "maxLength": _TEXT_LIMIT,
+                "description": (
+                    f"New alias (at most {_TEXT_LIMIT} characters); an empty string leaves the "
+                    "alias unchanged."
+                ),
+            }
+        ),
+        "action": _nullable(
+            {
+                "type": "string",
+                "enum": ["start", "stop", "restart", "reset", ""],
+                "description": (
+                    "`start`, `stop`, `restart` the instance, or `reset` its traffic counters; "
+                    "`\"\"` does nothing."
+                ),
+            }
+        ),
+        "restart": _nullable({"type": "boolean", "description": "Start this instance when the master starts."}),
+        "meta": _nullable(
+            {
+                "type": "object",
+                "description": "Dashboard metadata; a part left out is kept.",
+                "properties": {
+                    "peer": _ref("PeerPatch"),
+                    "tags": {
+                        "anyOf": [_ref("Tags"), {"type": "null"}],
+                        "description": "Replaces every tag; an empty object removes them all, `null` keeps them.",
+                    },
                 },
-            },
-        },
+            }
+        ),
     },
 }
 
 _INSTANCE_PUT: Schema = {
     "type": "object",
-    "description": "A new URL for the instance; it restarts with it.",
+    "description": "A new URL for the instance; it restarts with it. Other fields are ignored.",
     "required": ["url"],
-    "properties": {
-        "url": {
-            "type": "string",
-            "minLength": 1,
-            "description": "Instance URL, `server://...` or `client://...`.",
-        }
-    },
+    "properties": {"url": _URL},
 }
 
 _INFO: Schema = {
@@ -236,9 +296,15 @@ _INFO: Schema = {
 
 _INFO_PATCH: Schema = {
     "type": "object",
-    "description": "New master alias; a missing or empty alias clears it.",
+    "description": "New master alias; a missing, `null` or empty alias clears it.",
     "properties": {
-        "alias": {"type": "string", "maxLength": _TEXT_LIMIT, "description": f"Master alias (at most {_TEXT_LIMIT} bytes)."}
+        "alias": _nullable(
+            {
+                "type": "string",
+                "maxLength": _TEXT_LIMIT,
+                "description": f"Master alias (at most {_TEXT_LIMIT} characters).",
+            }
+        )
     },
 }
 
@@ -300,7 +366,16 @@ _RESPONSES: Schema = {
     "Unauthorized": _json_body(_ref("Error"), "Missing or wrong X-API-Key header."),
     "Forbidden": _json_body(_ref("Error"), "Not allowed on the API key instance `********`."),
     "NotFound": _json_body(_ref("Error"), "No instance with this id."),
-    "MethodNotAllowed": _json_body(_ref("Error"), "Method not allowed on this route."),
+    "MethodNotAllowed": {
+        **_json_body(_ref("Error"), "Method not allowed on this route."),
+        "headers": {
+            "Allow": {
+                "description": "The methods the route serves, e.g. `GET, HEAD, POST, OPTIONS`.",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        },
+    },
     "TooManyRequests": _json_body(_ref("Error"), "Too many probes are running; retry later."),
 }
 
@@ -309,7 +384,43 @@ _ID_PARAMETER: Schema = {
     "in": "path",
     "required": True,
     "description": "Instance id (8 hex characters, or `********` for the API key).",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": ID_PATTERN},
+    "examples": {
+        "instance": {"summary": "A tunnel instance", "value": "1a2b3c4d"},
+        "apiKey": {"summary": "The API key instance", "value": "********"},
+    },
+}
+
+_BODY_EXAMPLES: dict[str, dict[str, Schema]] = {
+    "InstanceCreate": {
+        "server": {
+            "summary": "A server, its tunnel on port 10101",
+            "value": {"url": "server://:10101/127.0.0.1:8080?tls=1", "alias": "web"},
+        },
+        "client": {
+            "summary": "A client, its users on local port 8080",
+            "value": {"url": "client://server.example:10101/127.0.0.1:8080"},
+        },
+    },
+    "InstancePatch": {
+        "rename": {"summary": "Rename", "value": {"alias": "web"}},
+        "restart": {
+            "summary": "Restart (on `********`: replace the API key)",
+            "value": {"action": "restart"},
+        },
+        "meta": {
+            "summary": "Dashboard metadata",
+            "value": {
+                "restart": False,
+                "meta": {
+                    "peer": {"sid": "550e8400-e29b-41d4-a716-446655440000", "type": "1", "alias": "edge"},
+                    "tags": {"env": "prod"},
+                },
+            },
+        },
+    },
+    "InstancePut": {"url": {"summary": "A new URL", "value": {"url": "server://:10102/127.0.0.1:8080"}}},
+    "InfoPatch": {"alias": {"summary": "Name the master", "value": {"alias": "edge-1"}}},
 }
 
 
@@ -334,7 +445,7 @@ def _operation(
         operation["requestBody"] = {
             "required": True,
             "description": body_description,
-            "content": {JSON: {"schema": _ref(schema_name)}},
+            "content": {JSON: {"schema": _ref(schema_name), "examples": _BODY_EXAMPLES[schema_name]}},
         }
     all_responses = dict(responses)
     if public:
@@ -346,8 +457,31 @@ def _operation(
     return operation
 
 
+_INSTANCE_OPERATIONS = {
+    "GetInstance": "getInstance",
+    "UpdateInstance": "updateInstance",
+    "ReplaceInstanceUrl": "replaceInstanceUrl",
+    "DeleteInstance": "deleteInstance",
+}
+
+
+def _links(source: str) -> Schema:
+    """OpenAPI links from a response to the operations on the same instance.
+
+    *source* is the runtime expression of the id, e.g. ``$response.body#/id``.
+    """
+    return {
+        name: {
+            "operationId": operation_id,
+            "parameters": {"id": source},
+            "description": f"The same instance ({operation_id}).",
+        }
+        for name, operation_id in _INSTANCE_OPERATIONS.items()
+    }
+
+
 def _paths() -> dict[str, Any]:
-    instance = _json_body(_ref("Instance"), "The instance.")
+    instance = {**_json_body(_ref("Instance"), "The instance."), "links": _links("$response.body#/id")}
     return {
         "/instances": {
             "get": _operation(
@@ -365,7 +499,10 @@ def _paths() -> dict[str, Any]:
                 "createInstance",
                 "Create and start an instance",
                 {
-                    "201": _json_body(_ref("Instance"), "The new instance."),
+                    "201": {
+                        **_json_body(_ref("Instance"), "The new instance."),
+                        "links": _links("$response.body#/id"),
+                    },
                     "400": _error("BadRequest"),
                     "409": _json_body(_ref("Error"), "The generated instance id is taken."),
                 },
@@ -410,7 +547,16 @@ def _paths() -> dict[str, Any]:
                 "deleteInstance",
                 "Stop and delete an instance",
                 {
-                    "204": {"description": "Deleted; empty body."},
+                    "204": {
+                        "description": "Deleted; empty body.",
+                        "links": {
+                            "GetDeletedInstance": {
+                                "operationId": "getInstance",
+                                "parameters": {"id": "$request.path.id"},
+                                "description": "The deleted instance is gone (404).",
+                            }
+                        },
+                    },
                     "400": _error("BadRequest"),
                     "403": _error("Forbidden"),
                     "404": _error("NotFound"),
@@ -472,8 +618,11 @@ def _paths() -> dict[str, Any]:
                         "name": "target",
                         "in": "query",
                         "required": True,
-                        "description": "Address to probe, `host:port` or `[IPv6]:port`.",
-                        "schema": {"type": "string", "minLength": 1},
+                        "description": (
+                            "Address to probe, `host:port` or `[IPv6]:port`; the port is a "
+                            "number (0-65535) or a TCP service name such as `http`."
+                        ),
+                        "schema": {"type": "string", "minLength": 1, "pattern": TARGET_PATTERN},
                     }
                 ],
             )
@@ -505,7 +654,11 @@ _DOCUMENT_TEMPLATE: Schema = {
         "title": "NodePass API",
         "description": (
             "Manage NodePass server and client tunnel instances run by a NodePass master. "
-            "Send the API key in the `X-API-Key` header; the master logs the key when it starts."
+            "Send the API key in the `X-API-Key` header; the master logs the key when it starts. "
+            "`HEAD` is answered wherever `GET` is (same status and headers, no body) and `OPTIONS` "
+            "everywhere (CORS preflight, 200 before the key check); any other method a route does "
+            "not list is a 405 whose `Allow` header names the methods it serves. In request "
+            "bodies `null` is the same as leaving a field out."
         ),
         "version": API_VERSION,
     },

@@ -97,14 +97,14 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 def _parse_port(target: str, text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "٣" is no port number, as for Go
         port = int(text)
         if port > 65535:
             raise ValueError(f"address {target}: invalid port {text} (must be 0-65535)")
         return port
     try:
         return socket.getservbyname(text, "tcp")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
         raise ValueError(f"address {target}: unknown port {text}") from None
 
 

@@ -26,8 +26,8 @@ from twisted.internet import defer
 from nodepass.datapath.policy import DataPolicy
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
+from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol
 
 __all__ = ["make_tunnel_service", "TunnelService", "ServerService", "ClientService"]
 

@@ -14,10 +14,9 @@ from typing import Any
 
 from twisted.internet import defer
 
-from nodepass.pool.tcp import ClientPool
-from nodepass.tls import client_connection_creator
+from nodepass.pool import UnknownPoolType, client_pool
 from nodepass.tunnel.handshake import HandshakeError, TunnelConfig, client_handshake
-from nodepass.tunnel.server import POOL_TYPE_NAMES, DualEndSession, SessionError, _listen_err
+from nodepass.tunnel.server import DualEndSession, SessionError, _listen_err
 
 __all__ = ["ClientSession"]
 
@@ -70,28 +69,32 @@ class ClientSession(DualEndSession):
         self.logger.info("Loading tunnel config: %s", tc.log_text())
         if tc.flow not in ("+", "-"):
             raise SessionError(f"commonStart: tunnelHandshake: unknown flow {tc.flow!r}")
-        if tc.type != "0":
-            try:
-                name = POOL_TYPE_NAMES.get(int(tc.type), "unknown")
-            except ValueError:
-                name = "unknown"
-            raise SessionError(
-                f"commonStart: initTunnelPool failed: pool type {tc.type} ({name}) is not supported yet"
-            )
+        try:
+            pool_type = int(tc.type)
+        except ValueError:
+            pool_type = -1
         self.tls_code = int(tc.tls) if tc.tls in ("1", "2") else 0
-        self.pool = ClientPool(
-            self.reactor,
-            self.logger,
-            min_cap=cfg.min,
-            max_cap=tc.max,
-            min_interval=self.settings.min_pool_interval,
-            max_interval=self.settings.max_pool_interval,
-            keepalive=self.settings.report_interval,
-            host=cfg.tunnel.host or "127.0.0.1",
-            port=cfg.tunnel.port,
-            dial_timeout=self.settings.tcp_dial_timeout,
-            tls_creator=client_connection_creator(self.tls_code, cfg.server_name),
-        )
+        if pool_type == 1 and self.tls_code == 0:
+            # QUIC cannot run without TLS: use the in-memory certificate mode.
+            self.tls_code = 1
+        try:
+            self.pool = client_pool(
+                pool_type,
+                self.reactor,
+                self.logger,
+                min_cap=cfg.min,
+                max_cap=tc.max,
+                min_interval=self.settings.min_pool_interval,
+                max_interval=self.settings.max_pool_interval,
+                keepalive=self.settings.report_interval,
+                host=cfg.tunnel.host or "127.0.0.1",
+                port=cfg.tunnel.port,
+                dial_timeout=self.settings.tcp_dial_timeout,
+                tls_code=self.tls_code,
+                server_name=cfg.server_name,
+            )
+        except UnknownPoolType as exc:
+            raise SessionError(f"commonStart: initTunnelPool failed: {exc}") from None
         self.pool.start()
         self.logger.info("Getting tunnel pool ready...")
         yield self._set_control()

@@ -17,16 +17,27 @@
 * TLS fingerprint verification (codes 1 and 2), following this matrix so that
   Go peers of v1.14.0 and later both work:
 
-  ====  ======  ==============  ====================================  ============
+  ====  ======  ==============  ====================================  ==============
   tls   role    sends verify    on a received verify                  gates ingress
-  ====  ======  ==============  ====================================  ============
+  ====  ======  ==============  ====================================  ==============
   1     both    yes             check, abort on mismatch              yes
   2     server  yes             check against its own certificate     no
   2     client  no              ignore an empty ``fp``, else check    no
-  ====  ======  ==============  ====================================  ============
+  ====  ======  ==============  ====================================  ==============
 
-  The sender waits one report interval, takes an idle pool connection the
-  ingress way, sends ``verify`` with its ID and the fingerprint (server: its
+  With tls 2, until the peer's ``verify`` arrives (at most two report
+  intervals; peers after v1.14.0 send none), the ingress takes idle pool
+  connections newest first (:attr:`ControlChannel.newest_first`).  A v1.14.0
+  peer sends its one ``verify`` on the *oldest* connection of its pool and
+  then closes it; a user paired with that connection before the ``verify``
+  arrived would get nothing back, and holding users until then would delay
+  every session start.  An ignored ``verify`` (empty ``fp``) still drops the
+  named connection from the idle pool, as the peer has closed it.
+
+  The sender starts as soon as the control channel is up (NodePass waits
+  for its first report tick, which delays the first user byte by seconds; a
+  NodePass peer accepts ``verify`` at any time), takes an idle pool
+  connection the ingress way, sends ``verify`` with its ID and the fingerprint (server: its
   own certificate; client: the certificate seen on that connection) and
   closes it.  The receiver takes the named connection (or reuses the one it
   just used for its own ``verify`` when the peer picked the same ID) and
@@ -43,9 +54,9 @@ from twisted.internet import defer
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text
-from nodepass.pool.tcp import PoolConnection, PoolError
+from nodepass.pool import PoolConnection, PoolError
+from nodepass.relay import direct_writer
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import direct_writer
 from nodepass.tunnel.signals import LineSplitter, Signal, SignalError, decode, encode
 from nodepass.tunnel.timers import DelayedCalls
 
@@ -93,6 +104,9 @@ class ControlChannel:
         self._recent_verify: dict[str, str] = {}
         self._write: Callable[[bytes], None] | None = None
         self.verified = False
+        self._released = False
+        #: With tls 2, take idle connections newest first until the peer's verify.
+        self.newest_first = tls_code == 2
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -104,7 +118,9 @@ class ControlChannel:
         self.conn.set_sink(self._data)
         self._later(3 * self.interval, self._idle_check)
         if self.sends_verify:
-            self._later(self.interval, self._send_verify)
+            self._later(0, self._send_verify)
+        if self.tls_code == 2:
+            self._later(2 * self.interval, self._release_ingress)
         self._tick()
 
     def stop(self) -> None:
@@ -120,6 +136,16 @@ class ControlChannel:
     def gates_ingress(self) -> bool:
         """Whether the ingress side must wait for a verified fingerprint."""
         return self.tls_code == 1
+
+    def _release_ingress(self) -> None:
+        """The peer's verify was handled (or, with tls 2, its time is over): with
+        tls 1 open the ingress once, with tls 2 go back to oldest-first."""
+        if self._released or self._stopped:
+            return
+        self._released = True
+        self.newest_first = False
+        if self.tls_code == 1:
+            self.on_verified()
 
     def _later(self, delay: float, fn: Callable[[], object]) -> None:
         if self._stopped:
@@ -255,6 +281,14 @@ class ControlChannel:
 
     @defer.inlineCallbacks
     def _receive_verify(self, signal: Signal) -> Any:
+        try:
+            yield self._check_verify(signal)
+        finally:
+            if self.tls_code == 2:
+                self._release_ingress()
+
+    @defer.inlineCallbacks
+    def _check_verify(self, signal: Signal) -> Any:
         abort = self.tls_code == 1
         fp = signal.fp
         if not fp:
@@ -263,6 +297,9 @@ class ControlChannel:
                 self._fail("outgoingVerify: no fingerprint in signal")
             else:
                 self.logger.debug("TLS verify signal without fingerprint ignored")
+                if self.pool.has(signal.id):  # the peer closed it after the signal
+                    taken = self.pool.outgoing_get(signal.id, 0.0)
+                    taken.addCallbacks(lambda conn: conn.close(), lambda _: None)
             return
         cid = signal.id
         self.logger.debug("TLS verify signal: cid %s <- %s", cid, self._peer_text())
@@ -313,6 +350,5 @@ class ControlChannel:
             self._fail("outgoingVerify: certificate fingerprint mismatch")
             return
         self.logger.info("TLS certificate fingerprint verified: %s", fp)
-        if not self.verified:
-            self.verified = True
-            self.on_verified()
+        self.verified = True
+        self._release_ingress()

@@ -40,11 +40,11 @@ from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text as _addr_text
 from nodepass.net import listen_any
-from nodepass.pool.tcp import CONTROL_ID, PoolError, ServerPool
+from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_port, server_pool
+from nodepass.relay import RelayProtocol, join
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.handshake import HandshakeServerProtocol, TunnelConfig
 from nodepass.tunnel.health import ControlChannel
-from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.tunnel.signals import Signal
 from nodepass.tunnel.timers import DelayedCalls
 
@@ -53,7 +53,6 @@ __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "list
 POLL = 0.05
 #: Listen backlog (Go listeners use the system maximum).
 BACKLOG = 4096
-POOL_TYPE_NAMES = {1: "QUIC", 2: "WebSocket", 3: "HTTP/2"}
 
 
 class SessionError(Exception):
@@ -316,10 +315,15 @@ class DualEndSession:
             raise
         self._listeners.extend(opened)
 
+    def _take_idle(self) -> defer.Deferred[Any]:
+        """An idle pool connection for a new user session (see ControlChannel.newest_first)."""
+        newest = self.control is not None and self.control.newest_first
+        return self.pool.incoming_get(self.settings.pool_get_timeout, newest=newest)  # type: ignore[no-any-return]
+
     @defer.inlineCallbacks
     def _acquire_for_udp(self) -> Any:
         yield self._wait_ingress()
-        result = yield self.pool.incoming_get(self.settings.pool_get_timeout)
+        result = yield self._take_idle()
         return result
 
     @defer.inlineCallbacks
@@ -358,7 +362,7 @@ class DualEndSession:
             if user.lost or self.stopped:
                 return None
             try:
-                cid, conn = yield self.pool.incoming_get(self.settings.pool_get_timeout)
+                cid, conn = yield self._take_idle()
             except PoolError as exc:
                 self.logger.warn("commonTCPLoop: request timeout: %s", exc)
                 user.abort()
@@ -518,7 +522,9 @@ class _TunnelPortFactory(Factory):
             s._handshakes.add(p)
             return p
         if s.phase == "pool" and s.pool is not None:
-            return s.pool.factory().buildProtocol(addr)  # type: ignore[no-any-return]
+            factory = s.pool.factory()
+            if factory is not None:
+                return factory.buildProtocol(addr)  # type: ignore[no-any-return]
         return None
 
 
@@ -543,16 +549,15 @@ class ServerSession(DualEndSession):
     @defer.inlineCallbacks
     def _start(self) -> Any:
         cfg = self.config
-        if cfg.type != 0:
-            raise SessionError(
-                f"start: initTunnelPool failed: pool type {cfg.type} "
-                f"({POOL_TYPE_NAMES.get(cfg.type, 'unknown')}) is not supported yet"
-            )
         try:
             self.tunnel_port = listen_tcp(self.reactor, cfg.tunnel.host, cfg.tunnel.port, _TunnelPortFactory(self))
         except CannotListenError as exc:
             raise SessionError(f"start: initTunnelListener failed: {_err_text(exc.socketError)}") from None
         self._listeners.append(self.tunnel_port)
+        try:
+            probe_server_port(cfg.type, self.reactor, cfg.tunnel.host, self.port)
+        except (CannotListenError, OSError) as exc:
+            raise SessionError(f"start: initTunnelListener failed: {_listen_err(exc)}") from None
 
         if self.run_mode == 1:
             try:
@@ -584,7 +589,8 @@ class ServerSession(DualEndSession):
             return None
         self.phase = "pool"
         config = TunnelConfig(flow=self.flow, max=self.config.max, tls=str(self.tls_code), type=str(self.config.type))
-        self.pool = ServerPool(
+        pool = server_pool(
+            self.config.type,
             self.reactor,
             self.logger,
             max_cap=self.config.max,
@@ -592,7 +598,19 @@ class ServerSession(DualEndSession):
             tls=self.server_tls,
             keepalive=self.settings.report_interval,
             strict=self.flow == "-",
+            host=self.config.tunnel.host,
+            port=self.port,
         )
+        try:
+            pool.start()
+        except Exception as exc:
+            pool.close()
+            self.logger.error("Tunnel pool start failed: %s", _listen_err(exc))
+            self.reactor.callLater(
+                0, self.fail, f"start: initTunnelPool failed: {pool_type_name(self.config.type)}: {_listen_err(exc)}"
+            )
+            return None
+        self.pool = pool
         self.logger.info("Sending tunnel config: %s", config.log_text())
         pending = list(self._handshakes)
         self._handshakes.clear()

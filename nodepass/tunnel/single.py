@@ -47,9 +47,9 @@ from nodepass.datapath.policy import DataPolicy
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text, listen_any
+from nodepass.relay import RelayProtocol, join
 from nodepass.stats import TunnelStats
 from nodepass.tunnel import startup_text
-from nodepass.tunnel.relay import RelayProtocol, join
 from nodepass.tunnel.timers import IdleTimer
 from nodepass.tunnel.udp import (
     PeerSession,

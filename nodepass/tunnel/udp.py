@@ -54,8 +54,8 @@ from zope.interface import implementer
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import join_host_port, listen_any
+from nodepass.relay import RelayProtocol, is_plain_tcp, set_nodelay, write_at_once
 from nodepass.stats import TunnelStats
-from nodepass.tunnel.relay import RelayProtocol, is_plain_tcp, set_nodelay, write_at_once
 from nodepass.tunnel.timers import IdleTimer
 
 __all__ = [

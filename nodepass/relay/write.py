@@ -1,0 +1,127 @@
+"""Writing to TCP and TLS transports without an extra reactor pass, and socket options.
+
+* :func:`direct_writer` gives a ``write`` for a transport that hands a chunk
+  straight to the socket when nothing is queued (plain TCP) or straight to
+  the TLS layer (TLS), instead of waiting for the next reactor pass;
+* :func:`write_at_once` is its plain-TCP core, also used for UDP datagrams
+  carried over a pool connection;
+* :func:`is_plain_tcp` tells whether a transport is a Twisted TCP socket with
+  no TLS on it (the only kind the zero-copy path can take over);
+* :func:`set_nodelay` / :func:`set_keepalive` set socket options through any
+  wrapper (TLS, or a multiplexed stream, which ignores them).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
+
+__all__ = ["direct_writer", "write_at_once", "is_plain_tcp", "set_nodelay", "set_keepalive"]
+
+
+def set_nodelay(transport: Any) -> None:
+    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort."""
+    seen = 0
+    while transport is not None and seen < 4:
+        fn = getattr(transport, "setTcpNoDelay", None)
+        if fn is not None:
+            try:
+                fn(True)
+            except Exception:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
+
+
+def direct_writer(transport: Any) -> Callable[[bytes], None]:
+    """A ``write`` for ``transport`` that sends at once when nothing is queued.
+
+    Twisted's ``write`` always queues and sends on the next reactor pass,
+    which costs a writer registration, a poll round and an unregistration
+    per chunk.  For a plain TCP transport whose queue is empty this hands the
+    chunk straight to the socket (``writeSomeData``) and queues only what the
+    kernel did not take, so ordering, back-pressure (the queue still pauses a
+    registered producer) and error handling stay Twisted's.
+
+    A TLS transport normally holds every write smaller than 64 kB back
+    until the next reactor pass (and copies each one) to batch small
+    writes; a relay chunk is already one read's worth, so it goes to the TLS
+    layer at once, after anything the batcher still holds.  Any other
+    transport (test transports) gets its own ``write``.
+    """
+    batcher = getattr(transport, "_aggregator", None)
+    if isinstance(transport, TLSMemoryBIOProtocol) and isinstance(batcher, _AggregateSmallWrites):
+        tls_t: Any = transport
+        tls_write: Any = TLSMemoryBIOProtocol.write
+        agg: Any = batcher
+
+        def write_tls(data: bytes) -> None:
+            if agg._buffer:
+                agg.flush()
+            tls_write(tls_t, data)
+
+        return write_tls
+    if not is_plain_tcp(transport):
+        return transport.write  # type: ignore[no-any-return]
+    t: Any = transport
+
+    def write(data: bytes) -> None:
+        rest = write_at_once(t, data)
+        if rest is not None:
+            t.write(rest)
+
+    return write
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """True for a Twisted TCP transport with no TLS started on it."""
+    return type(transport) in (tcp.Server, tcp.Client) and not getattr(transport, "TLS", False)
+
+
+def write_at_once(t: Any, data: bytes) -> bytes | None:
+    """Hand *data* to the socket of plain TCP transport *t* (see :func:`is_plain_tcp`)
+    now when the transport is open and nothing is queued.
+
+    Returns ``None`` when the socket took everything, else the bytes still to
+    ``write`` (all of *data* when nothing was sent at once).
+    """
+    if (
+        t.connected
+        and not t.disconnecting
+        and not t._writeDisconnecting
+        and not t._tempDataLen
+        and t.offset == len(t.dataBuffer)
+    ):
+        sent = t.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent >= len(data):
+                return None
+            return data[sent:]
+    return data
+
+
+def set_keepalive(transport: Any, period: float) -> None:
+    """Enable TCP keep-alive with the given period on a (possibly TLS) transport."""
+    t = transport
+    for _ in range(4):
+        if t is None:
+            return
+        handle = getattr(t, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                secs = max(1, int(period))
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+                if hasattr(socket, "TCP_KEEPINTVL"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+            except OSError:
+                pass
+            return
+        t = getattr(t, "transport", None)
