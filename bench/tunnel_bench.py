@@ -244,8 +244,8 @@ class Bench:
         try:
             when = load.wait_first_echo(tunnel.user_port, self.args.ready_timeout, tunnel.alive)
         except load.MetricError as exc:
-            errors = [e.last_error() for e in tunnel.ends if e.last_error()]
-            raise procs.StartFailed(str(exc) + (f" (last error: {errors[-1]})" if errors else "")) from exc
+            errors = [f"{e.role}: {e.last_error()}" for e in tunnel.ends if e.last_error()]
+            raise procs.StartFailed(str(exc) + (f" (last errors: {'; '.join(errors)})" if errors else "")) from exc
         return when - tunnel.started
 
     # -- metric groups -----------------------------------------------------------------------------
