@@ -58,10 +58,39 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from tunnel_bench import _recv_exact, free_ports, serve_target, wait_ready  # noqa: E402
+from npbench.load import recv_exact as _recv_exact  # noqa: E402
+from npbench.procs import free_ports  # noqa: E402
 
 GROWTH_LIMIT = 0.05
 """Allowed relative growth between the quiet samples."""
+
+
+def wait_ready(port: int, timeout: float) -> None:
+    """Until a TCP echo and a UDP echo succeed through *port* (the target's ``E`` mode)."""
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.settimeout(3)
+                sock.sendall(b"Eready")
+                if _recv_exact(sock, 5) == b"ready":
+                    break
+        except OSError as exc:
+            last = exc
+        time.sleep(0.3)
+    else:
+        raise RuntimeError(f"path on port {port} not ready: {last}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(0.5)
+        while time.time() < deadline:
+            udp.sendto(b"ready", ("127.0.0.1", port))
+            try:
+                if udp.recv(100) == b"ready":
+                    return
+            except OSError as exc:
+                last = exc
+        raise RuntimeError(f"UDP through port {port} not ready: {last}")
 COUNT_SLACK = 3
 """Descriptors / timers a quiet sample may have above the first one whatever the percentage."""
 QUIET_TIMEOUT = 60.0
@@ -418,20 +447,16 @@ def main() -> int:
     parser.add_argument("--tls", default="0", choices=("0", "1"), help="tls code of the tunnel")
     parser.add_argument("--min", type=int, default=16, help="client pool minimum")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-target", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
         return serve(args.serve, args.sample)
-    if args.serve_target is not None:
-        serve_target(args.serve_target)
-        return 0
 
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"nodepass-soak-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("NP_UDP_READ_TIMEOUT", "5s")
-    target = subprocess.Popen([sys.executable, __file__, "--serve-target", "0"], stdout=subprocess.PIPE)
+    target = subprocess.Popen([sys.executable, "-m", "npbench.target", "0"], stdout=subprocess.PIPE, cwd=str(HERE))
     assert target.stdout is not None
     target_port = int(target.stdout.readline())
     tunnel_port, user_port = free_ports(2)
