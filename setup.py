@@ -32,8 +32,13 @@ setup(
         "psutil>=5.9",
         "swagger-ui-py>=25.7",
         "prometheus-client>=0.20",
+        # QUIC pool (type=1), imported only when that type is used; nodepass.pool.quic
+        # uses a few of its private attributes, hence the narrow range.
+        "aioquic>=1.7.2,<1.8",
         # WebSocket pool (type=2): unusual upgrade heads, imported only when one arrives.
         "h11>=0.14",
+        # HTTP/2 pool (type=3), imported only when that type is used.
+        "h2>=4.1",
     ],
     extras_require={
         "test": [

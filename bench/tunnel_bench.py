@@ -1,511 +1,561 @@
 #!/usr/bin/env python3
-"""Tunnel benchmark on 127.0.0.1: direct vs through nodepass.
+"""Tunnel benchmark on 127.0.0.1: our ends against the Go NodePass binary and the direct path.
 
-One run measures, for each path:
+Each round measures the direct path once, then every scenario with each
+implementation in turn (ours, Go, and an older tree of ours with
+``--baseline``), so that load changes on the machine hit all of them alike;
+the tables show medians over the rounds and ratios between columns of the
+same run. Scenarios:
 
-* TCP throughput (one connection, bulk upload to a sink that acknowledges
-  the last byte),
-* TCP request/response latency (64-byte echo round trips on one connection,
-  p50/p99),
-* new TCP connections per second (connect, 1-byte echo, close; 4 workers),
-* UDP request/response latency (64-byte datagram echo, p50/p99),
+* dual-end: ``server://127.0.0.1:T/127.0.0.1:U?mode=1&tls=X[&type=Y]``
+  (reverse mode: users connect to U) with
+  ``client://127.0.0.1:T/127.0.0.1:<target>?mode=2``, for every ``--type`` x
+  ``--tls`` (types 1 and 3 always use TLS);
+* single-end: ``client://127.0.0.1:U/127.0.0.1:<target>?mode=1``.
 
-and prints a Markdown table with absolute numbers and the ratio to the direct
-path.  Paths:
+All other parameters are the defaults (client ``min`` 64), except the log
+level (``--log``, default ``warn``) and ``min`` for the idle-pool metric.
+Every end is its own process, as deployed; the targets run in one more
+process, iperf3 in its own, and the load generators in this one.
 
-* ``direct`` - the load generator talks to the target itself;
-* ``tls0``   - dual-end: ``server://`` (mode 1, users connect to its target
-  address) plus ``client://`` (mode 2, dials the real target), plain TCP pool;
-* ``tls1``   - the same with the pool wrapped in TLS 1.3;
-* ``single`` - ``client://`` mode 1, forwarding straight to the target.
+Metrics (each tunnel set-up is started afresh for each group):
 
-Each nodepass end runs as its own process (``python -m nodepass URL``), like a
-deployment, so the numbers include the real event-loop and process costs; the
-target servers run in one more process and the load generator in this one.
-Everything shares the machine's cores, which the table header reports.
+* throughput, 1 and 8 streams: ``iperf3 -J`` through the tunnel (data and
+  control connections); without iperf3, a built-in bulk upload to a sink;
+* CPU seconds per GB: user + system CPU of the tunnel processes during the
+  throughput run, per 10^9 bytes received;
+* 64 B TCP echo round trips p50/p99 (and the tunnel CPU per round trip),
+  64 B UDP echo round trips p50/p99;
+* new connections per second: workers loop connect, 1-byte echo, close;
+  failures counted; tunnel CPU per connection;
+* a burst of N concurrent connections (``--concurrency``), each echoing
+  64 B: time until the last echo, failures, and the RSS of each end while
+  all are held;
+* idle RSS of each end with a client pool of ``--idle-min`` (1024), and how
+  long the pool took to fill;
+* first byte: seconds from starting the server (the client starts as soon
+  as the server listens) until a byte comes back through the tunnel.
 
 Usage::
 
-    python bench/tunnel_bench.py                # all paths, ~3 s per measurement
-    python bench/tunnel_bench.py --duration 1 --paths direct,single
-    # the same run also measures an older tree, alternating run by run:
-    python bench/tunnel_bench.py --repeat 3 --baseline /tmp/nodepass-old
+    python bench/tunnel_bench.py                       # type 0, tls 0 and 1, vs Go when present
+    python bench/tunnel_bench.py --type 0,1,2,3 --tls 0,1 --peer /path/to/nodepass-go
+    python bench/tunnel_bench.py --quick --peer none   # every metric briefly, our ends only
+    python bench/tunnel_bench.py --baseline /tmp/nodepass-old --peer none --metrics tput,rtt
+
+The Markdown report goes to standard output (and ``--markdown FILE``); all
+samples go to a JSON file (``--json FILE``, by default in the log directory),
+from which ``--render FILE`` prints the same report again.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
 import os
-import socket
-import socketserver
-import statistics
+import shlex
+import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-PAYLOAD = 64
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from npbench import load, procs, report  # noqa: E402
+from npbench.report import DIRECT, Column, Results  # noqa: E402
+from npbench.scenario import Scenario, parse_list, scenarios  # noqa: E402
+
+DEFAULT_PEER = REPO.parent / "shared" / "peers" / "nodepass-go-v1.14.0"
+GROUPS = {
+    "tput": ("tput1", "tput8", "cpu_gb1", "cpu_gb8"),
+    "rtt": ("rtt_p50", "rtt_p99", "cpu_rtt"),
+    "udp": ("udp_p50", "udp_p99"),
+    "cps": ("cps", "cps_fail", "cpu_conn"),
+    "burst": ("burst_s", "burst_fail", "rss_loaded_server", "rss_loaded_client"),
+    "idle": ("rss_idle_server", "rss_idle_client", "pool_fill"),
+    "ttfb": ("ttfb",),
+}
+FULL = {"duration": 4.0, "rounds": 2000, "repeat": 3, "workers": 4, "concurrency": 2000, "idle_min": 1024,
+        "settle": 2.0}
+QUICK = {"duration": 1.0, "rounds": 200, "repeat": 1, "workers": 4, "concurrency": 200, "idle_min": 128,
+         "settle": 0.3}
 
 
-# --------------------------------------------------------------------------
-# target servers (run in a child process: ``--serve-target``)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peer", default=None,
+                   help="Go NodePass binary to compare with (default ../shared/peers/nodepass-go-v1.14.0 "
+                        "relative to the repository when present; 'none' to skip)")
+    p.add_argument("--type", default="0", help="pool types of the dual-end scenarios, e.g. 0,1,2,3 (default 0)")
+    p.add_argument("--tls", default="0,1", help="tls modes of the dual-end scenarios (default 0,1)")
+    p.add_argument("--paths", default="direct,dual,single", help="comma list of direct, dual, single")
+    p.add_argument("--metrics", default="all", help="comma list of " + ", ".join(GROUPS) + " (default all)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: every metric briefly (1 s runs, 200 round trips, 200 concurrent, "
+                        "pool of 128, 1 round); explicit options still win")
+    p.add_argument("--duration", type=float, help=f"seconds per throughput / connection-rate run ({FULL['duration']:g})")
+    p.add_argument("--rounds", type=int, help=f"TCP echo round trips per latency run ({FULL['rounds']})")
+    p.add_argument("--repeat", type=int, help=f"rounds; tables show medians ({FULL['repeat']})")
+    p.add_argument("--workers", type=int, help=f"threads of the connection-rate run ({FULL['workers']})")
+    p.add_argument("--concurrency", type=int, help=f"connections of the burst ({FULL['concurrency']})")
+    p.add_argument("--idle-min", type=int, help=f"client pool min for the idle RSS ({FULL['idle_min']})")
+    p.add_argument("--settle", type=float, help=f"pause before the burst and the idle RSS, s ({FULL['settle']:g})")
+    p.add_argument("--log", default="warn", help="log level of every tunnel end (default warn)")
+    p.add_argument("--server-query", default="",
+                   help="extra URL parameters for every server end, e.g. 'max=4096' (as given, after the others)")
+    p.add_argument("--client-query", default="",
+                   help="extra URL parameters for every client end (single-end too), e.g. 'min=1024'")
+    p.add_argument("--ready-timeout", type=float, default=90.0,
+                   help="seconds to wait for a set-up to carry its first byte (default 90)")
+    p.add_argument("--pool-timeout", type=float, default=60.0, help="seconds to wait for the idle pool to fill")
+    p.add_argument("--tree", type=Path, default=REPO, help="source tree whose nodepass is 'ours' (default this one)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="an older source tree of ours, measured in the same rounds as a third column")
+    p.add_argument("--tput-tool", choices=("auto", "iperf3", "builtin"), default="auto",
+                   help="throughput with iperf3 (auto: when installed) or the built-in sink")
+    p.add_argument("--json", type=Path, default=None, help="raw samples (default LOG_DIR/results.json)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown report to this file")
+    p.add_argument("--log-dir", type=Path, default=None, help="where the ends' logs go (default a new temp dir)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: print the report of an earlier run from its --json file")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    try:
+        args.types = parse_list(args.type, (0, 1, 2, 3), "type")
+        args.tls_modes = parse_list(args.tls, (0, 1), "tls")
+    except ValueError as exc:
+        p.error(str(exc))
+    args.path_list = [x.strip() for x in args.paths.split(",") if x.strip()]
+    bad = [x for x in args.path_list if x not in ("direct", "dual", "single")]
+    if bad:
+        p.error(f"--paths: unknown {', '.join(bad)} (use direct, dual, single)")
+    groups = list(GROUPS) if args.metrics == "all" else [x.strip() for x in args.metrics.split(",") if x.strip()]
+    bad = [x for x in groups if x not in GROUPS]
+    if bad:
+        p.error(f"--metrics: unknown {', '.join(bad)} (use {', '.join(GROUPS)} or all)")
+    args.groups = groups
+    if args.repeat < 1 or args.concurrency < 1 or args.workers < 1 or args.idle_min < 1:
+        p.error("--repeat, --concurrency, --workers and --idle-min must be at least 1")
+    return args
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed early")
-        buf += chunk
-    return bytes(buf)
+def progress(text: str) -> None:
+    print(time.strftime("%H:%M:%S ") + text, file=sys.stderr, flush=True)
 
 
-class _TargetHandler(socketserver.BaseRequestHandler):
-    """First byte picks the mode: ``E`` echo, ``S`` sink (8-byte length, then data, ``OK``)."""
+class Bench:
+    """One run: starts the targets, walks the rounds, keeps the results."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results = Results()
+        self.scenarios: list[Scenario] = scenarios(args.path_list, args.types, args.tls_modes)
+        self.iperf3 = procs.find_iperf3(args.tput_tool)
+        self.log_dir: Path = args.log_dir or Path(tempfile.mkdtemp(prefix="nodepass-bench-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.header_notes: list[str] = []
+        self.impls: list[procs.Impl] = [procs.ours("ours", "ours", args.tree.resolve())]
+        peer = self._peer()
+        if peer is not None:
+            self.impls.append(procs.go_peer(peer, self.log_dir))
+        if args.baseline is not None:
+            self.impls.append(procs.ours("baseline", "baseline", args.baseline.resolve()))
+        self.columns = ([Column(DIRECT, "direct")] if "direct" in args.path_list else []) + [
+            Column(i.name, "Go" if i.name == "go" else i.label) for i in self.impls
+        ]
+        self.cpu_watch = procs.CpuWatch()
+        self.target: subprocess.Popen[bytes] | None = None
+        self.target_port = 0
+        self.loads: list[dict[str, Any]] = []
+
+    def _peer(self) -> Path | None:
+        wanted = self.args.peer
+        if wanted is not None and wanted.lower() == "none":
+            self.header_notes.append("Go columns skipped: --peer none.")
+            return None
+        path = Path(wanted) if wanted else DEFAULT_PEER
+        if path.is_file() and os.access(path, os.X_OK):
+            return path.resolve()
+        self.header_notes.append(f"Go columns skipped: no executable peer binary at {path} (pass --peer PATH).")
+        if wanted:
+            raise SystemExit(f"--peer {wanted}: not an executable file")
+        return None
+
+    def want(self, group: str) -> bool:
+        return group in self.args.groups
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def start_target(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(BENCH) + os.pathsep + env.get("PYTHONPATH", "")
+        self.target = subprocess.Popen([sys.executable, "-m", "npbench.target", "0"], stdout=subprocess.PIPE,
+                                       env=env, cwd=str(BENCH))
+        assert self.target.stdout is not None
+        line = self.target.stdout.readline()
+        if not line.strip():
+            raise SystemExit("the target process did not start")
+        self.target_port = int(line)
+
+    def stop_target(self) -> None:
+        procs.stop_process(self.target)
+
+    def start(self, impl: procs.Impl, scenario: Scenario, target: int, tag: str,
+              client_extra: str = "") -> procs.Tunnel:
+        """Start the ends of *scenario* forwarding to *target*: the server first, the client once it listens."""
+        user_port, tunnel_port = procs.free_ports(2)
+        log = self.args.log
+        server_extra = "&" + self.args.server_query.lstrip("&?") if self.args.server_query else ""
+        client_extra += "&" + self.args.client_query.lstrip("&?") if self.args.client_query else ""
+        started = time.perf_counter()
+        if scenario.kind == "single":
+            url = f"client://127.0.0.1:{user_port}/127.0.0.1:{target}?mode=1&log={log}{client_extra}"
+            end = procs.launch(impl, "client", url, self.log_dir / f"{tag}-single.log")
+            return procs.Tunnel(user_port, started, [end])
+        query = f"mode=1&tls={scenario.tls}&log={log}" + (f"&type={scenario.type}" if scenario.type else "") + server_extra
+        server = procs.launch(impl, "server", f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?{query}",
+                              self.log_dir / f"{tag}-server.log")
+        tunnel = procs.Tunnel(user_port, started, [server], tunnel_port)
         try:
-            mode = sock.recv(1)
-            if mode == b"E":
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            elif mode == b"S":
-                total = int.from_bytes(_recv_exact(sock, 8), "big")
-                buf = bytearray(1 << 20)
-                view = memoryview(buf)
-                got = 0
-                while got < total:
-                    n = sock.recv_into(view, min(len(buf), total - got))
-                    if n == 0:
-                        return
-                    got += n
-                sock.sendall(b"OK")
-                sock.recv(1)
-        except OSError:
-            return
+            procs.wait_listening(server, tunnel_port, self.args.ready_timeout)
+            tunnel.client_started = time.perf_counter()
+            url = f"client://127.0.0.1:{tunnel_port}/127.0.0.1:{target}?mode=2&log={log}{client_extra}"
+            tunnel.ends.append(procs.launch(impl, "client", url, self.log_dir / f"{tag}-client.log"))
+        except BaseException:
+            tunnel.stop()
+            raise
+        return tunnel
 
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 512
-
-
-def serve_target(port: int) -> None:
-    """TCP echo/sink and UDP echo on 127.0.0.1:port (0 = pick); prints the port."""
-    server = _Server(("127.0.0.1", port), _TargetHandler)
-    port = server.server_address[1]
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", port))
-
-    def udp_echo() -> None:
-        while True:
-            data, addr = udp.recvfrom(65536)
-            udp.sendto(data, addr)
-
-    threading.Thread(target=udp_echo, daemon=True).start()
-    print(port, flush=True)
-    server.serve_forever()
-
-
-# --------------------------------------------------------------------------
-# load generator
-
-
-def _connect(port: int, mode: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(mode)
-    return sock
-
-
-def upload(port: int, total: int) -> float:
-    """Send *total* bytes to the sink; seconds until it acknowledged the last one."""
-    chunk = memoryview(bytes(256 * 1024))
-    sock = _connect(port, b"S")
-    try:
-        start = time.perf_counter()
-        sock.sendall(total.to_bytes(8, "big"))
-        left = total
-        while left > 0:
-            n = min(left, len(chunk))
-            sock.sendall(chunk[:n])
-            left -= n
-        if _recv_exact(sock, 2) != b"OK":
-            raise RuntimeError("sink did not acknowledge")
-        return time.perf_counter() - start
-    finally:
-        sock.close()
-
-
-def throughput(port: int, duration: float) -> float:
-    """MB/s (10^6 bytes) for an upload sized to last about *duration* seconds."""
-    probe = 32 * 1024 * 1024
-    rate = probe / upload(port, probe)
-    total = int(min(max(rate * duration, probe), 8 * 1024**3))
-    return total / upload(port, total) / 1e6
-
-
-def tcp_latency(port: int, count: int) -> list[float]:
-    """Round-trip times (s) of *count* 64-byte echoes on one connection."""
-    sock = _connect(port, b"E")
-    data = b"x" * PAYLOAD
-    times: list[float] = []
-    try:
-        for i in range(count + 50):
-            start = time.perf_counter()
-            sock.sendall(data)
-            _recv_exact(sock, PAYLOAD)
-            if i >= 50:
-                times.append(time.perf_counter() - start)
-    finally:
-        sock.close()
-    return times
-
-
-def connections_per_second(port: int, duration: float, workers: int = 4) -> float:
-    """Completed connect + 1-byte echo + close cycles per second."""
-    stop = time.perf_counter() + duration
-    counts = [0] * workers
-    errors = [0] * workers
-
-    def work(i: int) -> None:
-        while time.perf_counter() < stop:
-            try:
-                sock = _connect(port, b"E")
-                sock.sendall(b"!")
-                _recv_exact(sock, 1)
-                sock.close()
-                counts[i] += 1
-            except OSError:
-                errors[i] += 1
-                time.sleep(0.01)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
-
-
-def udp_latency(port: int, count: int) -> list[float]:
-    """Round-trip times (s) of *count* 64-byte datagram echoes (lost ones retried)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.settimeout(1.0)
-    data = b"u" * PAYLOAD
-    times: list[float] = []
-    try:
-        i = 0
-        while len(times) < count:
-            start = time.perf_counter()
-            sock.sendto(data, ("127.0.0.1", port))
-            try:
-                sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            i += 1
-            if i > 20:
-                times.append(time.perf_counter() - start)
-    finally:
-        sock.close()
-    return times
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, int(round(p / 100 * (len(ordered) - 1)))))
-    return ordered[k]
-
-
-# --------------------------------------------------------------------------
-# processes
-
-
-def free_ports(count: int) -> list[int]:
-    """*count* distinct ports free for TCP and UDP on 127.0.0.1 (probes held until all are chosen)."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            t = socket.socket()
-            t.bind(("127.0.0.1", 0))
-            held.append(t)
-            port = int(t.getsockname()[1])
-            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            held.append(u)
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            ports.append(port)
-    finally:
-        for sock in held:
-            sock.close()
-    return ports
-
-
-def start_nodepass(url: str, log_dir: Path, name: str, tree: Path = REPO) -> subprocess.Popen[bytes]:
-    """``python -m nodepass URL`` with the ``nodepass`` package taken from *tree*."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
-    log = open(log_dir / f"{name}.log", "wb")
-    # ``-m`` puts the working directory first on sys.path: run inside *tree*.
-    return subprocess.Popen(
-        [sys.executable, "-m", "nodepass", url], env=env, cwd=str(tree), stdout=log, stderr=subprocess.STDOUT
-    )
-
-
-def wait_ready(port: int, timeout: float) -> None:
-    """Until a TCP echo and a UDP echo succeed through *port*."""
-    deadline = time.time() + timeout
-    last: Exception | None = None
-    while time.time() < deadline:
+    def ready(self, tunnel: procs.Tunnel) -> float:
+        """Seconds from the start of *tunnel* until a byte came back through it."""
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
-            sock.settimeout(3)
-            sock.sendall(b"Eready")
-            if _recv_exact(sock, 5) == b"ready":
-                sock.close()
-                break
-        except OSError as exc:
-            last = exc
-        time.sleep(0.3)
-    else:
-        raise RuntimeError(f"path on port {port} not ready: {last}")
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.settimeout(0.5)
-    try:
-        while time.time() < deadline:
-            u.sendto(b"ready", ("127.0.0.1", port))
+            when = load.wait_first_echo(tunnel.user_port, self.args.ready_timeout, tunnel.alive)
+        except load.MetricError as exc:
+            errors = [f"{e.role}: {e.last_error()}" for e in tunnel.ends if e.last_error()]
+            raise procs.StartFailed(str(exc) + (f" (last errors: {'; '.join(errors)})" if errors else "")) from exc
+        return when - tunnel.started
+
+    # -- metric groups -----------------------------------------------------------------------------
+
+    def echo_metrics(self, where: str, name: str, port: int, tunnel: procs.Tunnel | None) -> None:
+        a, res = self.args, self.results
+
+        def cpu() -> float:
+            return tunnel.cpu() if tunnel is not None else 0.0
+
+        if self.want("rtt"):
+            c0 = cpu()
             try:
-                u.recvfrom(100)
-                return
-            except TimeoutError:
+                lat = load.tcp_rtt(port, a.rounds)
+            except load.MetricError as exc:
+                res.note(where, f"{name}: TCP round trips failed: {exc}")
+                for key in GROUPS["rtt"]:
+                    res.add(where, name, key, None)
+            else:
+                res.add(where, name, "rtt_p50", load.percentile(lat, 50) * 1e6)
+                res.add(where, name, "rtt_p99", load.percentile(lat, 99) * 1e6)
+                if tunnel is not None:
+                    res.add(where, name, "cpu_rtt", (cpu() - c0) / (len(lat) + 50) * 1e6)
+        if self.want("udp"):
+            try:
+                ulat, lost = load.udp_rtt(port, max(200, a.rounds // 2))
+            except load.MetricError as exc:
+                res.note(where, f"{name}: {exc}")
+                res.add(where, name, "udp_p50", None)
+                res.add(where, name, "udp_p99", None)
+            else:
+                res.add(where, name, "udp_p50", load.percentile(ulat, 50) * 1e6)
+                res.add(where, name, "udp_p99", load.percentile(ulat, 99) * 1e6)
+                if lost:
+                    res.note(where, f"{name}: {lost} UDP datagrams got no answer within 0.5 s (retried)")
+        if self.want("cps"):
+            c0 = cpu()
+            rate = load.connection_rate(port, a.duration, a.workers)
+            res.add(where, name, "cps", rate.per_second)
+            res.add(where, name, "cps_fail", float(rate.failed))
+            if tunnel is not None:
+                res.add(where, name, "cpu_conn", (cpu() - c0) / rate.done * 1e3 if rate.done else None)
+        if self.want("burst"):
+            time.sleep(a.settle)
+            with load.burst(port, a.concurrency, timeout=max(60.0, a.concurrency / 50)) as b:
+                res.add(where, name, "burst_s", b.elapsed if b.echoed else None)
+                res.add(where, name, "burst_fail", float(b.failed))
+                if b.errors:
+                    why = ", ".join(f"{n}× {e}" for e, n in sorted(b.errors.items(), key=lambda x: -x[1]))
+                    res.note(where, f"{name}: burst of {a.concurrency}: {b.failed} failed ({why})")
+                if tunnel is not None:
+                    peak: dict[str, float] = {}
+                    for _ in range(3):
+                        for role, mib in tunnel.rss().items():
+                            peak[role] = max(peak.get(role, 0.0), mib)
+                        time.sleep(0.1)
+                    for role, mib in peak.items():
+                        res.add(where, name, f"rss_loaded_{role}", mib)
+
+    def tput_metrics(self, where: str, name: str, port: int, tunnel: procs.Tunnel | None) -> None:
+        for streams, key, cpu_key in ((1, "tput1", "cpu_gb1"), (8, "tput8", "cpu_gb8")):
+            c0 = tunnel.cpu() if tunnel is not None else 0.0
+            try:
+                if self.iperf3:
+                    got = load.iperf3_throughput(self.iperf3, port, self.args.duration, streams)
+                else:
+                    got = load.builtin_throughput(port, self.args.duration, streams)
+            except load.MetricError as exc:
+                self.results.note(where, f"{name}: {streams}-stream throughput failed: {exc}")
+                self.results.add(where, name, key, None)
+                if tunnel is not None:
+                    self.results.add(where, name, cpu_key, None)
                 continue
-        raise RuntimeError(f"UDP on port {port} not ready")
-    finally:
-        u.close()
+            self.results.add(where, name, key, got.gbps)
+            if tunnel is not None:
+                self.results.add(where, name, cpu_key, (tunnel.cpu() - c0) / (got.total / 1e9) if got.total else None)
 
-
-@dataclass
-class Result:
-    mbps: float
-    tcp_p50: float
-    tcp_p99: float
-    cps: float
-    udp_p50: float
-    udp_p99: float
-    #: CPU time of the tunnel processes: ms per MB of throughput, µs per TCP
-    #: round trip, µs per new connection (0 for the direct path).
-    cpu_mb: float = 0.0
-    cpu_rtt: float = 0.0
-    cpu_conn: float = 0.0
-
-
-def cpu_seconds(pids: tuple[int, ...]) -> float:
-    """User + system CPU seconds used so far by the processes *pids* (Linux /proc; 0 elsewhere)."""
-    total = 0
-    for pid in pids:
+    def group_echo(self, scenario: Scenario, impl: procs.Impl, tag: str) -> None:
+        tunnel = self.start(impl, scenario, self.target_port, tag)
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            ttfb = self.ready(tunnel)
+            if self.want("ttfb"):
+                self.results.add(scenario.key, impl.name, "ttfb", ttfb)
+            self.echo_metrics(scenario.key, impl.name, tunnel.user_port, tunnel)
+        finally:
+            tunnel.stop()
 
-
-def median_result(runs: list[Result]) -> Result:
-    """Field by field median of several runs."""
-    return Result(*(statistics.median(getattr(r, f) for r in runs) for f in Result.__dataclass_fields__))
-
-
-def measure(port: int, duration: float, rounds: int, repeat: int = 1, pids: tuple[int, ...] = ()) -> Result:
-    """All metrics for one path; with *repeat* > 1 each one is the median of that many runs.
-
-    *pids* are the tunnel processes whose CPU time is charged to each metric."""
-    if repeat > 1:
-        return median_result([measure(port, duration, rounds, 1, pids) for _ in range(repeat)])
-    c0 = cpu_seconds(pids)
-    t0 = time.perf_counter()
-    mbps = throughput(port, duration)
-    moved = mbps * (time.perf_counter() - t0)
-    c1 = cpu_seconds(pids)
-    lat = tcp_latency(port, rounds)
-    c2 = cpu_seconds(pids)
-    t0 = time.perf_counter()
-    cps = connections_per_second(port, duration)
-    conns = cps * (time.perf_counter() - t0)
-    c3 = cpu_seconds(pids)
-    ulat = udp_latency(port, max(200, rounds // 2))
-    return Result(
-        cpu_mb=(c1 - c0) * 1e3 / moved if pids and moved else 0.0,
-        cpu_rtt=(c2 - c1) * 1e6 / (len(lat) + 50) if pids else 0.0,
-        cpu_conn=(c3 - c2) * 1e6 / conns if pids and conns else 0.0,
-        mbps=mbps,
-        tcp_p50=pct(lat, 50) * 1e6,
-        tcp_p99=pct(lat, 99) * 1e6,
-        cps=cps,
-        udp_p50=pct(ulat, 50) * 1e6,
-        udp_p99=pct(ulat, 99) * 1e6,
-    )
-
-
-def table(results: dict[str, Result]) -> str:
-    base = results.get("direct")
-
-    def cell(value: float, ref: float | None, fmt: str) -> str:
-        text = format(value, fmt)
-        if ref and base is not None:
-            text += f" ({value / ref:.2f}x)"
-        return text
-
-    head = (
-        "| path | TCP MB/s | TCP RTT p50 µs | TCP RTT p99 µs | new conn/s | UDP RTT p50 µs | UDP RTT p99 µs |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
-    )
-    rows = []
-    for name, r in results.items():
-        b = base if name != "direct" else None
-        rows.append(
-            "| {} | {} | {} | {} | {} | {} | {} |".format(
-                name,
-                cell(r.mbps, b.mbps if b else None, ".0f"),
-                cell(r.tcp_p50, b.tcp_p50 if b else None, ".0f"),
-                cell(r.tcp_p99, b.tcp_p99 if b else None, ".0f"),
-                cell(r.cps, b.cps if b else None, ".0f"),
-                cell(r.udp_p50, b.udp_p50 if b else None, ".0f"),
-                cell(r.udp_p99, b.udp_p99 if b else None, ".0f"),
-            )
-        )
-    cpu = [(name, r) for name, r in results.items() if r.cpu_mb or r.cpu_rtt or r.cpu_conn]
-    if cpu:
-        rows.append(
-            "\nCPU time of the tunnel processes (all nodepass processes of the path together):\n\n"
-            "| path | CPU ms per MB | CPU µs per TCP round trip | CPU µs per new connection |\n"
-            "|---|---:|---:|---:|"
-        )
-        for name, r in cpu:
-            rows.append(f"| {name} | {r.cpu_mb:.2f} | {r.cpu_rtt:.0f} | {r.cpu_conn:.0f} |")
-    return head + "\n".join(rows) + "\n"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per throughput/conn-rate run")
-    parser.add_argument("--rounds", type=int, default=2000, help="echo round trips for TCP latency")
-    parser.add_argument("--paths", default="direct,tls0,tls1,single", help="comma list of direct,tls0,tls1,single")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per metric; the median is shown")
-    parser.add_argument("--log", default="warn", help="nodepass log level for the tunnel processes")
-    parser.add_argument("--ready-timeout", type=float, default=40.0)
-    parser.add_argument(
-        "--min", type=int, default=0, help="client pool min for the dual-end paths (0: NodePass default, 64)"
-    )
-    parser.add_argument("--tree", type=Path, default=REPO, help="source tree whose nodepass package is measured")
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        default=None,
-        help="second source tree (e.g. an older checkout): every tunnel path is also run with it, "
-        "alternating run by run with --tree, in rows marked (baseline)",
-    )
-    parser.add_argument("--serve-target", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve_target is not None:
-        serve_target(args.serve_target)
-        return 0
-
-    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"nodepass-bench-{os.getpid()}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    target = subprocess.Popen([sys.executable, __file__, "--serve-target", "0"], stdout=subprocess.PIPE)
-    assert target.stdout is not None
-    target_port = int(target.stdout.readline())
-    wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
-    results: dict[str, Result] = {}
-    failed: list[str] = []
-    try:
-        for name in wanted:
-            if name == "direct":
-                wait_ready(target_port, args.ready_timeout)
-                results["direct"] = measure(target_port, args.duration, args.rounds, args.repeat)
-                continue
-            trees = [("", args.tree)] + ([(" (baseline)", args.baseline)] if args.baseline else [])
-            started: list[tuple[str, int, tuple[int, ...]]] = []
-            procs: list[subprocess.Popen[bytes]] = []
+    def group_tput(self, scenario: Scenario, impl: procs.Impl, tag: str) -> None:
+        if not self.iperf3:
+            tunnel = self.start(impl, scenario, self.target_port, tag)
             try:
-                for suffix, tree in trees:
-                    user_port, tunnel_port = free_ports(2)
-                    tag = name + ("-baseline" if suffix else "")
-                    if name in ("tls0", "tls1"):
-                        tls = name[-1]
-                        server = (
-                            f"server://127.0.0.1:{tunnel_port}/127.0.0.1:{user_port}?mode=1&tls={tls}&log={args.log}"
-                        )
-                        client = f"client://127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}?mode=2&log={args.log}"
-                        if args.min > 0:
-                            client += f"&min={args.min}"
-                        procs.append(start_nodepass(server, log_dir, f"{tag}-server", tree))
-                        time.sleep(0.5)
-                        procs.append(start_nodepass(client, log_dir, f"{tag}-client", tree))
-                        label = f"dual-end tls={tls}"
-                    elif name == "single":
-                        client = f"client://127.0.0.1:{user_port}/127.0.0.1:{target_port}?mode=1&log={args.log}"
-                        procs.append(start_nodepass(client, log_dir, tag, tree))
-                        label = "single-end"
-                    else:
-                        raise SystemExit(f"unknown path {name!r}")
-                    started.append(
-                        (label + suffix, user_port, tuple(proc.pid for proc in procs[-2 if name != "single" else -1 :]))
-                    )
-                for _label, user_port, _pids in started:
-                    wait_ready(user_port, args.ready_timeout)
-                # Alternate the trees run by run so that load changes on the
-                # machine hit both alike.
-                runs: dict[str, list[Result]] = {label: [] for label, _, _ in started}
-                for _ in range(args.repeat):
-                    for label, user_port, pids in started:
-                        runs[label].append(measure(user_port, args.duration, args.rounds, 1, pids))
-                for label, _, _ in started:
-                    results[label] = median_result(runs[label])
-            except (RuntimeError, OSError) as exc:
-                failed.append(f"{name}: {exc}")
-                print(f"skipped {name}: {exc}", file=sys.stderr)
+                self._tput_ready(scenario, impl, tunnel)
+                self.tput_metrics(scenario.key, impl.name, tunnel.user_port, tunnel)
             finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-    finally:
-        target.terminate()
-        target.wait(10)
+                tunnel.stop()
+            return
+        # iperf3 cannot answer the readiness probe: an echo stands in on its port until the tunnel carries bytes.
+        port = procs.free_ports(1)[0]
+        probe = load.ProbeEcho(port)
+        try:
+            tunnel = self.start(impl, scenario, port, tag)
+        except BaseException:
+            probe.close()
+            raise
+        try:
+            try:
+                self._tput_ready(scenario, impl, tunnel)
+            finally:
+                probe.close()
+            with procs.IperfServer(self.iperf3, port, self.log_dir / f"{tag}-iperf3.log"):
+                self.tput_metrics(scenario.key, impl.name, tunnel.user_port, tunnel)
+        finally:
+            tunnel.stop()
 
-    print(
-        f"\nnodepass tunnel benchmark — 127.0.0.1, {os.cpu_count()} CPUs, "
-        f"Python {sys.version.split()[0]}, {args.duration:g} s runs, "
-        f"median of {args.repeat}, log={args.log}"
-        + (f", client min={args.min}" if args.min > 0 else "")
-        + "\n"
-        + (f"tree: {args.tree}; baseline: {args.baseline}\n" if args.baseline else "")
-    )
-    print(table(results))
-    for line in failed:
-        print(f"not measured: {line}")
-    print(f"tunnel logs: {log_dir}")
-    return 0
+    def _tput_ready(self, scenario: Scenario, impl: procs.Impl, tunnel: procs.Tunnel) -> None:
+        ttfb = self.ready(tunnel)
+        if self.want("ttfb"):
+            self.results.add(scenario.key, impl.name, "ttfb", ttfb)
+
+    def group_idle(self, scenario: Scenario, impl: procs.Impl, tag: str) -> None:
+        a = self.args
+        dual = scenario.kind == "dual"
+        tunnel = self.start(impl, scenario, self.target_port, tag, f"&min={a.idle_min}" if dual else "")
+        try:
+            fill: float | None = None
+            if dual:
+                fill = self.wait_pool(scenario, impl, tunnel)
+            else:
+                self.ready(tunnel)
+            time.sleep(a.settle)
+            for role, mib in self.stable_rss(tunnel).items():
+                self.results.add(scenario.key, impl.name, f"rss_idle_{role}", mib)
+            if dual:
+                self.results.add(scenario.key, impl.name, "pool_fill", fill)
+        finally:
+            tunnel.stop()
+
+    def wait_pool(self, scenario: Scenario, impl: procs.Impl, tunnel: procs.Tunnel) -> float | None:
+        """Seconds until the client's pool is full (None: known only from its log).
+
+        Full means 99 % of ``--idle-min``: a pool at its size still replaces a
+        connection now and then, and both implementations then report one or
+        two less for a moment. Types 0 and 2 carry one TCP connection per pool
+        member, counted from the client's sockets (one more is the control
+        connection); types 1 and 3 multiplex, so there the client's
+        ``CHECK_POINT|...|POOL=n`` log lines (one per report interval) tell."""
+        want = max(1, math.ceil(self.args.idle_min * 0.99))
+        client = tunnel.end("client")
+        assert client is not None
+        deadline = time.perf_counter() + self.args.pool_timeout
+        seen = 0
+        while time.perf_counter() < deadline:
+            reason = tunnel.alive()
+            if reason:
+                raise procs.StartFailed(reason)
+            if scenario.type in (0, 2):
+                seen = max(seen, client.connections_to(tunnel.tunnel_port) - 1)
+                if seen >= want:
+                    return time.perf_counter() - tunnel.client_started
+            else:
+                seen = max(seen, client.pool())
+                if seen >= want:
+                    return None
+            time.sleep(0.1)
+        self.results.note(scenario.key, f"{impl.label}: the idle pool reached {seen} of {self.args.idle_min} "
+                                        f"within {self.args.pool_timeout:g} s; RSS taken anyway")
+        return None
+
+    @staticmethod
+    def stable_rss(tunnel: procs.Tunnel) -> dict[str, float]:
+        """RSS of each end once two samples 0.5 s apart agree within 2 % (at most 10 s)."""
+        last = tunnel.rss()
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            time.sleep(0.5)
+            now = tunnel.rss()
+            if all(abs(now[r] - last[r]) <= 0.02 * max(last[r], 1e-9) for r in now):
+                return now
+            last = now
+        return last
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def measure_direct(self) -> None:
+        if self.want("tput"):
+            if self.iperf3:
+                port = procs.free_ports(1)[0]
+                with procs.IperfServer(self.iperf3, port, self.log_dir / "direct-iperf3.log"):
+                    self.tput_metrics(DIRECT, DIRECT, port, None)
+            else:
+                self.tput_metrics(DIRECT, DIRECT, self.target_port, None)
+        self.echo_metrics(DIRECT, DIRECT, self.target_port, None)
+
+    def measure(self, scenario: Scenario, impl: procs.Impl, rnd: int) -> None:
+        """The metric groups of one implementation in one scenario and round.
+
+        A group whose start failed because a port was taken meanwhile is tried
+        again on other ports (twice at most); any other start failure ends
+        this implementation's rounds in this scenario (StartFailed goes up).
+        An error during a group is noted and the next group runs."""
+        tag = f"r{rnd + 1}-{scenario.key}-{impl.name}"
+        echo = [g for g in ("rtt", "udp", "cps", "burst", "ttfb") if self.want(g)]
+        groups = ([(", ".join(echo), self.group_echo, "echo")] if echo else []) + [
+            (title, fn, name) for title, fn, name in (("throughput", self.group_tput, "tput"),
+                                                      ("idle RSS", self.group_idle, "idle")) if self.want(name)
+        ]
+        for title, fn, name in groups:
+            progress(f"  {scenario.key} {impl.name}: {title}")
+            for attempt in range(3):
+                try:
+                    fn(scenario, impl, f"{tag}-{name}" + (f"-retry{attempt}" if attempt else ""))
+                    break
+                except procs.StartFailed as exc:
+                    if attempt == 2 or not procs.port_clash(str(exc)):
+                        raise
+                    progress(f"  {scenario.key} {impl.name}: port taken, trying other ports ({exc})")
+                except (OSError, RuntimeError, psutil.Error, load.MetricError) as exc:
+                    self.results.note(scenario.key, f"{impl.label}, round {rnd + 1}, {title}: "
+                                                    f"{type(exc).__name__}: {exc}")
+                    progress(f"  {scenario.key} {impl.name}: {title} failed: {exc}")
+                    break
+
+    def run(self) -> bool:
+        """All rounds; False when interrupted (the results so far are still reported)."""
+        self.start_target()
+        try:
+            for rnd in range(self.args.repeat):
+                self.cpu_watch.sample_load()
+                self.loads.append({"round": rnd + 1, "load1": os.getloadavg()[0]})
+                progress(f"round {rnd + 1}/{self.args.repeat}")
+                if "direct" in self.args.path_list:
+                    progress("  direct")
+                    try:
+                        self.measure_direct()
+                    except (OSError, RuntimeError, load.MetricError) as exc:
+                        self.results.note(DIRECT, f"direct, round {rnd + 1}: {type(exc).__name__}: {exc}")
+                for scenario in self.scenarios:
+                    for impl in self.impls:
+                        if self.results.is_failed(scenario.key, impl.name):
+                            continue
+                        try:
+                            self.measure(scenario, impl, rnd)
+                        except procs.StartFailed as exc:
+                            progress(f"  {scenario.key} {impl.name}: did not start: {exc}")
+                            self.results.fail(scenario.key, impl.name, str(exc))
+        except KeyboardInterrupt:
+            self.header_notes.append("The run was interrupted: the tables hold the rounds measured until then.")
+            return False
+        finally:
+            self.stop_target()
+        return True
+
+    # -- report ----------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        a = self.args
+        return {"duration": a.duration, "rounds": a.rounds, "repeat": a.repeat, "workers": a.workers,
+                "concurrency": a.concurrency, "idle_min": a.idle_min, "settle": a.settle, "log": a.log,
+                "quick": a.quick, "types": a.types, "tls": a.tls_modes, "paths": a.path_list,
+                "metrics": a.groups, "tput_tool": "iperf3" if self.iperf3 else "built-in sink",
+                "server_query": a.server_query, "client_query": a.client_query}
+
+    def meta(self, started: datetime.datetime, machine: dict[str, Any], load: dict[str, float]) -> dict[str, Any]:
+        return {
+            "command": shlex.join(sys.orig_argv),
+            "cwd": os.getcwd(),
+            "started_utc": started.isoformat(timespec="seconds"),
+            "machine": machine,
+            "impls": {i.name: {"label": i.label, "version": i.version, "argv": i.argv, "cwd": str(i.cwd)}
+                      for i in self.impls},
+            "completed": not any("interrupted" in n for n in self.header_notes),
+            "params": self.params(),
+            "load": load,
+            "rounds_load": self.loads,
+            "header_notes": self.header_notes,
+            "log_dir": str(self.log_dir),
+        }
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C: every started process is stopped and the rounds so far reported."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render is not None:
+        output(report.render(json.loads(args.render.read_text(encoding="utf-8"))), args.markdown)
+        return 0
+    procs.raise_fd_limit()
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = datetime.datetime.now(datetime.UTC)
+    bench = Bench(args)
+    machine = procs.machine_info(bench.iperf3)
+    progress(f"logs in {bench.log_dir}")
+    completed = bench.run()
+    meta = bench.meta(started, machine, bench.cpu_watch.foreign())
+    data = report.to_json(bench.results, bench.scenarios, bench.columns, meta)
+    json_path = args.json or bench.log_dir / "results.json"
+    report.write_json(json_path, data)
+    output(report.render(data), args.markdown)
+    progress(f"samples: {json_path}")
+    return 0 if completed else 130
+
+
+def output(text: str, path: Path | None) -> None:
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   prints (``[v6]:port`` for IPv6), optionally showing an IPv4-mapped IPv6
   address as plain IPv4 and dropping an IPv6 zone suffix.
 * :func:`listen_any`: bind on one interface, or on every interface
-  (dual-stack ``::`` first, IPv4 when IPv6 is unavailable).
+  (dual-stack ``::`` first, IPv4 when IPv6 is unavailable);
+* :func:`listen_tcp`: the same for a TCP listener, with a large backlog.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from typing import Any, TypeVar
 
 from twisted.internet.error import CannotListenError
 
-__all__ = ["join_host_port", "addr_text", "listen_any"]
+__all__ = ["join_host_port", "addr_text", "listen_any", "listen_tcp", "BACKLOG"]
+
+#: Listen backlog of tunnel and user listeners (Go listeners use the system
+#: maximum; the kernel caps it at ``net.core.somaxconn``).
+BACKLOG = 4096
 
 _T = TypeVar("_T")
 
@@ -53,3 +58,9 @@ def listen_any(listen: Callable[[str], _T], host: str) -> _T:
         return listen("::")
     except (CannotListenError, OSError):
         return listen("")
+
+
+def listen_tcp(reactor: Any, host: str, port: int, factory: Any) -> Any:
+    """listenTCP on ``host`` ("" = all interfaces, IPv6 dual-stack when possible),
+    with a large backlog so bursts of connections are not dropped."""
+    return listen_any(lambda interface: reactor.listenTCP(port, factory, backlog=BACKLOG, interface=interface), host)

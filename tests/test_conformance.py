@@ -444,12 +444,21 @@ class GoServerToOurClient(Base):
         target = self.echo_targets()
         peer = gopeer.GoServer(KEY, "-")
         self.addCleanup(peer.close)
-        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{target}?mode=2&min=3")
+        svc = self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{target}?mode=2&min=3")
         result: dict[str, Any] = {}
+
+        def idle_on_our_side() -> int:
+            pool = svc.session.pool if svc.session is not None else None
+            return pool.active if pool is not None else 0
 
         def script() -> None:
             ctl = peer.start_control()
             peer.wait_for(count=3)
+            # A flush closes idle connections only: wait until our client has read
+            # the IDs of the three the peer handed out (a loaded machine is slow).
+            deadline = time.monotonic() + gopeer.TIMEOUT
+            while idle_on_our_side() < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
             with peer._cond:
                 old = [peer.pool.pop(c) for c in peer.order]
                 peer.order.clear()

@@ -107,6 +107,15 @@ class RealSocketTests(unittest.TestCase):
         self.assertIsNone(result["error"])
 
     @inlineCallbacks
+    def test_name_no_dns_can_spell(self) -> Any:
+        """A name the IDNA codec refuses is "no such host", not an error logged by the
+        system resolver's thread (found by fuzzing the API)."""
+        result = yield self.tcping.probe("\U00106d71.example:80")
+        self.assertIs(result["connected"], False)
+        self.assertIn("no such host", result["error"])
+        self.assertEqual(self.tcping.in_flight, 0)
+
+    @inlineCallbacks
     def test_eleventh_concurrent_probe_is_refused(self) -> Any:
         target = f"127.0.0.1:{self.listening}"
         # connectTCP never completes synchronously, so all ten are in flight here.

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from nodepass.pool.base import CONTROL_ID, PoolError
@@ -200,3 +201,47 @@ class ClientPoolTests(unittest.TestCase):
         self.assertEqual(client.active, 0)
         client.close()
         yield sleep(0.05)
+
+
+class DialerTests(unittest.TestCase):
+    """The dials a client pool has under way, given up when the pool closes."""
+
+    def test_stop_gives_up_dials_whose_failure_is_reported_at_once(self) -> None:
+        """Regression: a Twisted connector reports the failure of a stopped dial
+        synchronously; stopping several used to change the set being walked."""
+        from twisted.internet.error import UserError
+        from twisted.internet.protocol import ClientFactory
+        from twisted.internet.testing import MemoryReactor
+
+        from nodepass.pool.tcp import Dialer
+
+        failed: list[str] = []
+
+        class Connector:
+            state = "connecting"
+
+            def __init__(self, factory: Any) -> None:
+                self.factory = factory
+
+            def stopConnecting(self) -> None:
+                self.state = "disconnected"
+                self.factory.clientConnectionFailed(self, Failure(UserError()))
+
+        class Reactor(MemoryReactor):
+            def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30,
+                           bindAddress: Any = None) -> Connector:
+                connector = Connector(factory)
+                factory.startedConnecting(connector)
+                return connector
+
+        class Factory(ClientFactory):
+            def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+                failed.append(reason.getErrorMessage())
+
+        dialer = Dialer(Reactor(), "127.0.0.1", 1, 5.0)
+        for _ in range(3):
+            dialer.dial(Factory())
+        self.assertEqual(len(dialer._connectors), 3)
+        dialer.stop()
+        self.assertEqual(len(failed), 3)
+        self.assertEqual(dialer._connectors, set())

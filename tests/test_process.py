@@ -92,8 +92,13 @@ class NodePassProcess(protocol.ProcessProtocol):
         return self.reason is None
 
 
-def spawn(test: TestCase, args: list[str], state_dir: str, **extra_env: str) -> NodePassProcess:
-    """Start ``python <args>`` (this interpreter) with the project importable; killed at cleanup."""
+def spawn(
+    test: TestCase, args: list[str], state_dir: str, *, prefix: list[str] | None = None, **extra_env: str
+) -> NodePassProcess:
+    """Start ``python <args>`` (this interpreter) with the project importable; killed at cleanup.
+
+    *prefix* runs it under another command that ends by executing it, such as
+    ``ip netns exec NAME`` (so the process id is still that of the interpreter)."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=ROOT,
@@ -104,7 +109,8 @@ def spawn(test: TestCase, args: list[str], state_dir: str, **extra_env: str) -> 
     )
     env.update(extra_env)
     proc = NodePassProcess()
-    reactor.spawnProcess(proc, sys.executable, [sys.executable, *args], env=env, path=state_dir)
+    argv = [*(prefix or []), sys.executable, *args]
+    reactor.spawnProcess(proc, argv[0], argv, env=env, path=state_dir)
 
     @inlineCallbacks
     def cleanup() -> Any:

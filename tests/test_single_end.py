@@ -64,6 +64,23 @@ class SingleEndTests(unittest.TestCase):
     def texts(self) -> list[str]:
         return [r.text for r in self.records]
 
+    def test_listener_backlog_takes_bursts(self) -> None:
+        """Regression: the single-end listener had Twisted's backlog of 50, so a burst of
+        new connections waited for SYN retransmissions; it now has the tunnel's."""
+        import shutil
+        import subprocess
+
+        from nodepass.net import BACKLOG
+
+        if shutil.which("ss") is None:
+            raise unittest.SkipTest("needs ss (iproute2) to read a listener's backlog")
+        service = self.start()
+        port = service._tcp_port.getHost().port
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        backlog = int(out.split()[2])  # Send-Q of a listening socket: its backlog
+        with open("/proc/sys/net/core/somaxconn") as f:
+            self.assertEqual(backlog, min(BACKLOG, int(f.read())))
+
     @defer.inlineCallbacks
     def connect(self, port: int) -> Any:
         client = RawClient()

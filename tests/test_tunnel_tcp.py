@@ -621,3 +621,44 @@ class StopTests(unittest.TestCase):
         svc.startService()
         yield wait_for(lambda: any("Client error: " in r.text and "no response within" in r.text for r in records))
         yield svc.stopService()
+
+
+class RestartRobustnessTests(unittest.TestCase):
+    def test_restart_scheduled_even_when_stopping_the_session_fails(self) -> None:
+        from twisted.internet.task import Clock
+
+        from nodepass.tunnel import ServerService
+
+        clock = Clock()
+        sessions: list[Any] = []
+
+        class Session:
+            def __init__(self) -> None:
+                self.ended: defer.Deferred[str] = defer.Deferred()
+                self.stopped = False
+                sessions.append(self)
+
+            def start(self) -> None:
+                pass
+
+            def stop(self, everything: bool = False) -> defer.Deferred[None]:
+                if len(sessions) == 1 and not everything:
+                    raise RuntimeError("broken stop")
+                return defer.succeed(None)
+
+        class Service(ServerService):
+            def _prepare(self) -> None:
+                self.policy = type("P", (), {"reset": lambda s: None, "stop": lambda s: None})()
+
+            def _new_session(self) -> Any:
+                return Session()
+
+        records: list[LogRecord] = []
+        svc = Service(parse_tunnel_url("server://127.0.0.1:1/127.0.0.1:2"), reactor=clock,
+                      logger=quiet_logger("debug", records), settings=FAST)
+        svc.startService()
+        sessions[0].ended.callback("lost")
+        clock.advance(FAST.service_cooldown)
+        self.assertEqual(len(sessions), 2)
+        self.assertTrue(any("stop failed: broken stop" in r.text for r in records))
+        svc.stopService()

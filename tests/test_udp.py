@@ -548,3 +548,20 @@ class UdpThroughTunnelTests(unittest.TestCase):
         yield wait_for(lambda: (server.stats.udps, client.stats.udps) == (0, 0))
         reply = yield self.user.ask(b"again", ingress)
         self.assertEqual(reply, b"again")
+
+    @defer.inlineCallbacks
+    def test_burst_over_tls_pool_keeps_boundaries(self) -> Any:
+        """A burst of datagrams written in one reactor pass over a TLS pool: each one reaches the
+        target whole and alone (one TLS record per datagram, not one per batch of writes)."""
+        tunnel, ingress = free_ports(2)
+        echo = self.echo_port.getHost().port
+        self.start(f"server://127.0.0.1:{tunnel}/127.0.0.1:{ingress}?mode=1&tls=1", "server")
+        self.start(f"client://127.0.0.1:{tunnel}/127.0.0.1:{echo}?mode=2", "client")
+        reply = yield self.first_reply(b"ready?", ingress)
+        self.assertEqual(reply, b"ready?")
+        self.echo.got.clear()
+        burst = [b"burst-%03d:" % i + b"d" * 300 for i in range(60)]
+        for data in burst:  # no reactor turn in between
+            self.user.transport.write(data, ("127.0.0.1", ingress))  # type: ignore[union-attr]
+        yield wait_for(lambda: sum(map(len, self.echo.got)) >= sum(map(len, burst)), what="burst at the target")
+        self.assertEqual(self.echo.got, burst)

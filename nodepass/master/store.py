@@ -63,6 +63,16 @@ def _parse_state(raw: bytes, path: str) -> dict[str, Any]:
     return data
 
 
+def encode_state(document: dict[str, Any]) -> str:
+    """The state file's text: the document's other keys, then ``instances`` with one instance per
+    line, so the file stays readable.  Every part goes through json's C encoder: an indented dump
+    takes the pure-Python one, about ten times slower, and a save runs on the reactor (with 1,000
+    instances that was 0.1-0.4 s during which no tunnel of the master moved a byte)."""
+    head = json.dumps({k: v for k, v in document.items() if k != "instances"}, ensure_ascii=False)
+    rows = ",\n".join(json.dumps(item, ensure_ascii=False) for item in document.get("instances", []))
+    return head[:-1] + (", " if head != "{}" else "") + '"instances": [\n' + rows + "\n]}\n"
+
+
 class StateStore(Service):
     """Reads and writes the master state file; see the module docstring.
 
@@ -171,7 +181,7 @@ class StateStore(Service):
 
     def _atomic_write(self, path: str, document: dict[str, Any]) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
-        data = json.dumps(document, ensure_ascii=False, indent=1, sort_keys=False).encode("utf-8")
+        data = encode_state(document).encode("utf-8")
         fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.state_dir)
         try:
             with os.fdopen(fd, "wb") as handle:

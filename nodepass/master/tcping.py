@@ -215,6 +215,13 @@ class _Attempt:
             self.resolved([self.host])
             return
         lookup_host = self.host or "localhost"
+        try:
+            lookup_host.encode("idna")
+        except UnicodeError:
+            # No DNS name can be spelt so; the system resolver would fail with
+            # an encoding error outside any answer (Go: "no such host").
+            self.resolved([])
+            return
         done: Deferred[list[str]] = Deferred()
         done.addCallback(self.resolved)
         resolver = self._resolver()

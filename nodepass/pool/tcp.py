@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
 from nodepass.relay.tls import TLSFactory
 
-__all__ = ["TcpServerPool", "TcpClientPool", "Dialer"]
+__all__ = ["TcpServerPool", "TcpClientPool", "Dialer", "DialFactory"]
 
 
 class _MemberFactory(Factory):
@@ -79,49 +79,80 @@ class Dialer:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.connect = connect
-        self._connectors: list[Any] = []
-        self._prune_at = 64
+        #: Dials still connecting (each leaves once it connected or failed).
+        self._connectors: set[Any] = set()
 
     def dial(self, factory: ClientFactory) -> None:
         """Connect ``factory`` (in TLS when there is a context) to the address."""
-        wrapped: Any = factory
+        tracked = _Tracked(factory, self._connectors)
+        wrapped: Any = tracked
         if self.ssl_context is not None:
-            wrapped = TLSFactory(self.ssl_context, False, factory, self.server_hostname)
+            wrapped = TLSFactory(self.ssl_context, False, tracked, self.server_hostname)
         if self.connect is not None:
             self.connect(wrapped)
             return
-        if len(self._connectors) >= self._prune_at:
-            # Forget finished dials now and then (amortised: the list at most
-            # doubles between two prunings).
-            self._connectors = [c for c in self._connectors if _connecting(c)]
-            self._prune_at = 2 * len(self._connectors) + 64
-        self._connectors.append(self.reactor.connectTCP(self.host, self.port, wrapped, timeout=self.timeout))
+        self.reactor.connectTCP(self.host, self.port, wrapped, timeout=self.timeout)
 
     def stop(self) -> None:
         """Stop every dial that has not connected yet."""
-        for connector in self._connectors:
-            if _connecting(connector):
+        connectors = list(self._connectors)
+        self._connectors.clear()
+        for connector in connectors:
+            if getattr(connector, "state", "") == "connecting":
                 connector.stopConnecting()
-        self._connectors = []
 
 
-def _connecting(connector: Any) -> bool:
-    return getattr(connector, "state", "") == "connecting"
+class _Tracked(ClientFactory):
+    """Forwards to ``factory`` and keeps the connector in ``connecting`` until
+    the dial has an outcome (so nothing holds a finished dial)."""
+
+    noisy = False
+
+    def __init__(self, factory: ClientFactory, connecting: set[Any]) -> None:
+        self.factory = factory
+        self.connecting = connecting
+        self.connector: Any = None
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.connector = connector
+        self.connecting.add(connector)
+        self.factory.startedConnecting(connector)
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        self.connecting.discard(self.connector)
+        self.connector = None
+        return self.factory.buildProtocol(addr)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connecting.discard(connector)
+        self.factory.clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self.factory.clientConnectionLost(connector, reason)
 
 
-class _DialFactory(ClientFactory):
-    """Connects one dial attempt to its member."""
+class DialFactory(ClientFactory):
+    """Connects one dial attempt to its protocol (a member, or a connection
+    that carries members); ``failed`` is called with the reason when the dial
+    failed, and ``done`` (when given) once the dial has an outcome."""
 
-    noisy = False  # one factory per member: no "Starting factory" log lines
+    noisy = False  # one factory per dial: no "Starting factory" log lines
 
-    def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None]) -> None:
+    def __init__(
+        self, conn: Protocol, failed: Callable[[Failure], None], done: Callable[[], None] | None = None
+    ) -> None:
         self.conn = conn
         self.failed = failed
+        self.done = done
 
-    def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        if self.done is not None:
+            self.done()
         return self.conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if self.done is not None:
+            self.done()
         self.failed(reason)
 
 
@@ -153,7 +184,7 @@ class TcpClientPool(ClientPoolBase):
         def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
 
-        self.dialer.dial(_DialFactory(conn, dial_failed))
+        self.dialer.dial(DialFactory(conn, dial_failed))
 
     def _close_transport(self) -> None:
         self.dialer.stop()

@@ -339,7 +339,7 @@ class _SpliceExchange:
             if not d.src._pause_reasons and not d.src_t.disconnecting:
                 d.src_t.startReading()
         if self.closing and not self.ab.queued and not self.ba.queued and not self.ab.prefix and not self.ba.prefix:
-            self._finish(abort=False)
+            self._finish()
         return None
 
     def _write_failed(self, d: _Direction, exc: OSError) -> None:
@@ -348,7 +348,9 @@ class _SpliceExchange:
             _give_pipe(d.pipe, False)
             d.pipe = None
             d.queued = 0
-        self._finish(abort=True)
+        # The destination is broken; the source is closed in order, as the
+        # copying relay does.
+        self._finish()
 
     # -- ends ------------------------------------------------------------------------------
     def _eof_callback(self, d: _Direction) -> Callable[[], None]:
@@ -368,7 +370,7 @@ class _SpliceExchange:
             self.ab.src_t.stopReading()
             self.ba.src_t.stopReading()
             if not (self.ab.queued or self.ba.queued or self.ab.prefix or self.ba.prefix):
-                self._finish(abort=False)
+                self._finish()
             return
         if not d.queued and not d.prefix:
             self._direction_done(d)
@@ -384,7 +386,7 @@ class _SpliceExchange:
         except OSError:
             pass
         if self.ab.done and self.ba.done:
-            self._finish(abort=False)
+            self._finish()
 
     def _check_idle(self) -> None:
         self.timer = None
@@ -394,7 +396,7 @@ class _SpliceExchange:
         if idle >= self.read_timeout:
             if not self.reason:
                 self.reason = "read timeout"
-            self._finish(abort=False)
+            self._finish()
             return
         self.timer = self.reactor.callLater(self.read_timeout - idle, self._check_idle)
 
@@ -412,8 +414,8 @@ class _SpliceExchange:
                 del self._taken[i]
                 return
 
-    def _finish(self, abort: bool) -> None:
-        """Hand both transports back to Twisted and close them."""
+    def _finish(self) -> None:
+        """Hand both transports back to Twisted and close them in order."""
         if self.finished:
             return
         self.finished = True
@@ -436,14 +438,11 @@ class _SpliceExchange:
                 continue
             t.stopReading()
             t.stopWriting()
-            if abort:
-                t.abortConnection()
-            else:
-                # Nothing is queued in the transport (the exchange wrote to the
-                # socket itself): close now, orderly, rather than on a write
-                # event that a socket shut down both ways reports as a hang-up.
-                t._writeDisconnected = True
-                side.close()
+            # Nothing is queued in the transport (the exchange wrote to the
+            # socket itself): close now, orderly, rather than on a write
+            # event that a socket shut down both ways reports as a hang-up.
+            t._writeDisconnected = True
+            side.close()
 
     def _lost(self, reason: str, side: RelayProtocol) -> None:
         if not self.reason or (self.reason == "EOF" and reason != "EOF"):
@@ -451,7 +450,9 @@ class _SpliceExchange:
         if self.throttle is not None:
             self.throttle.forget(side.throttle_gate)
         if not self.finished:
-            self._finish(abort=reason != "EOF")
+            # As the copying relay (and NodePass) do: the other side is closed in
+            # order (FIN), whatever ended this one.
+            self._finish()
         if self.a.lost and self.b.lost and not self.done.called:
             self.done.callback(self.reason or "EOF")
 

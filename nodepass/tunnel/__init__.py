@@ -110,9 +110,14 @@ class TunnelService(Service):
         if self._stopping or session is not self.session or session.stopped:
             return
         self.logger.error("%s error: %s", self.kind, reason or "session ended")
-        session.stop()
-        self.policy.reset()
+        # The restart is scheduled first: nothing that goes wrong while the
+        # old session is taken down may leave the tunnel stopped for good.
         self._cooldown = self.reactor.callLater(self.settings.service_cooldown, self._restart)
+        try:
+            session.stop()
+            self.policy.reset()
+        except Exception as exc:
+            self.logger.error("%s stop failed: %s", self.kind, exc or type(exc).__name__)
 
     def _restart(self) -> None:
         self._cooldown = None

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import addr_text as _addr_text
-from nodepass.net import listen_any
+from nodepass.net import listen_tcp
 from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_port, server_pool
 from nodepass.relay import RelayProtocol, join
 from nodepass.stats import TunnelStats
@@ -48,11 +48,9 @@ from nodepass.tunnel.health import ControlChannel
 from nodepass.tunnel.signals import Signal
 from nodepass.tunnel.timers import DelayedCalls
 
-__all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "listen_tcp"]
+__all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text"]
 
 POLL = 0.05
-#: Listen backlog (Go listeners use the system maximum).
-BACKLOG = 4096
 
 
 class SessionError(Exception):
@@ -62,12 +60,6 @@ class SessionError(Exception):
 def addr_text(addr: Any) -> str:
     """``ip:port`` / ``[v6]:port`` of a Twisted address (IPv4-mapped shown as IPv4)."""
     return _addr_text(addr, unmap=True)
-
-
-def listen_tcp(reactor: Any, host: str, port: int, factory: Factory) -> Any:
-    """listenTCP on ``host`` ("" = all interfaces, IPv6 dual-stack when possible),
-    with a large backlog so bursts of connections are not dropped."""
-    return listen_any(lambda interface: reactor.listenTCP(port, factory, backlog=BACKLOG, interface=interface), host)
 
 
 class _UserConnection(RelayProtocol):
@@ -361,8 +353,14 @@ class DualEndSession:
                     return None
             if user.lost or self.stopped:
                 return None
+            get = self._take_idle()
+            # A user who leaves while waiting gives up its turn: the next pool
+            # connection goes to a user still there (or stays idle).
+            user.when_lost().addCallback(lambda _: get.cancel())
             try:
-                cid, conn = yield self._take_idle()
+                cid, conn = yield get
+            except defer.CancelledError:
+                return None
             except PoolError as exc:
                 self.logger.warn("commonTCPLoop: request timeout: %s", exc)
                 user.abort()
@@ -619,8 +617,13 @@ class ServerSession(DualEndSession):
         for p in pending:
             # Go closes the HTTP server: every other handshake connection ends.
             self.reactor.callLater(0, p.close)
-        self.reactor.callLater(0, self._handshake_done.callback, None)
+        self.reactor.callLater(0, self._handshake_finished)
         return config
+
+    def _handshake_finished(self) -> None:
+        # stop() may have fired it in the meantime.
+        if not self._handshake_done.called:
+            self._handshake_done.callback(None)
 
     def stop(self, *, everything: bool = False) -> defer.Deferred[Any]:
         for p in list(self._handshakes):

@@ -54,7 +54,7 @@ from zope.interface import implementer
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
 from nodepass.net import join_host_port, listen_any
-from nodepass.relay import RelayProtocol, is_plain_tcp, set_nodelay, write_at_once
+from nodepass.relay import RelayProtocol, direct_writer, set_nodelay
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.timers import IdleTimer
 
@@ -302,7 +302,7 @@ class PoolLink:
     def __init__(self, conn: RelayProtocol) -> None:
         self.conn = conn
         set_nodelay(conn.transport)
-        self._direct = is_plain_tcp(conn.transport)
+        self._write = direct_writer(conn.transport) if conn.transport is not None else None
 
     def bind(self, on_data: Callable[[bytes], None], on_closed: Callable[[str], None]) -> None:
         """Deliver received bytes (first those already buffered) and, once, the end reason."""
@@ -324,20 +324,16 @@ class PoolLink:
     def write(self, data: bytes) -> None:
         """Send *data* as one datagram (dropped once the connection has ended).
 
-        On a plain TCP transport with nothing queued the bytes go to the
-        socket at once, one send per datagram as NodePass does, instead of
-        being merged with the next datagrams in the transport's buffer; the
-        rest (or everything, on TLS and other transports) is written normally.
+        One write per datagram, as NodePass does: on a plain TCP transport
+        with nothing queued the bytes go to the socket at once instead of
+        being merged with the next datagrams in the transport's buffer; on a
+        TLS transport each datagram becomes a TLS record of its own (not
+        batched with the next ones), so the reader gets it back whole and
+        alone (see :func:`~nodepass.relay.direct_writer`).
         """
-        transport: Any = self.conn.transport
-        if self.conn.lost or transport is None:
+        if self.conn.lost or self._write is None:
             return
-        if self._direct:
-            rest = write_at_once(transport, data)
-            if rest is None:
-                return
-            data = rest
-        transport.write(data)
+        self._write(data)
 
     def close(self) -> None:
         """Close after pending writes are flushed (idempotent)."""
