@@ -21,7 +21,6 @@ from twisted.trial import unittest
 from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong
-from wsproto.frame_protocol import FrameDecoder as RefDecoder
 from wsproto.frame_protocol import Opcode, XorMaskerSimple
 
 from nodepass.pool.wsframe import (
@@ -36,21 +35,14 @@ from nodepass.pool.wsframe import (
     mask,
     valid_close_code,
 )
+from tests.test_pool_ws import frames
 
 LENGTHS = (0, 1, 2, 3, 4, 5, 124, 125, 126, 127, 1000, 16384, 65535, 65536, 65537, 300_000)
 
 
 def ref_frames(data: bytes, from_client: bool) -> list[tuple[int, bytes, bool]]:
     """(opcode, payload, fin) of every frame in ``data`` by wsproto's decoder."""
-    decoder = RefDecoder(client=not from_client)
-    decoder.receive_bytes(data)
-    out = []
-    while True:
-        f = decoder.process_buffer()
-        if f is None:
-            return out
-        payload = f.payload.encode() if isinstance(f.payload, str) else bytes(f.payload)
-        out.append((int(f.opcode), payload, f.frame_finished))
+    return [(int(op), payload, fin) for op, payload, fin in frames(data, client=not from_client)]
 
 
 def peer(from_client: bool) -> Connection:
