@@ -58,10 +58,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nodepass.log import NodePassLogger
+from nodepass.log import Level, NodePassLogger
 from nodepass.net import addr_text
 from nodepass.pool.interface import IClientPool, IServerPool
-from nodepass.relay import RelayProtocol, set_keepalive
+from nodepass.relay import RelayProtocol, is_plain_tcp, set_keepalive, set_nodelay, write_at_once
+from nodepass.wheel import wheel_for
 
 __all__ = [
     "CONTROL_ID",
@@ -125,12 +126,13 @@ class PoolConnection(RelayProtocol):
                 self.pool._assign(self)
             else:
                 # A TLS handshake that never completes must not hold a socket forever.
-                self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
+                self._id_timer = self.pool.wheel.call_later(ID_READ_TIMEOUT, self._id_timeout)
         else:
             assert isinstance(self.pool, ClientPoolBase)
             self.pool._opened(self)
             set_keepalive(self.transport, self.pool.keepalive)
-            self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
+            set_nodelay(self.transport)
+            self._id_timer = self.pool.wheel.call_later(ID_READ_TIMEOUT, self._id_timeout)
 
     def handshakeCompleted(self) -> None:
         if not self.is_server:
@@ -212,6 +214,8 @@ class IdlePool:
 
     def __init__(self, reactor: Any, logger: NodePassLogger, max_cap: int, keepalive: float) -> None:
         self.reactor = reactor
+        #: Coarse timeouts of the members (ID reads, TLS handshakes).
+        self.wheel = wheel_for(reactor)
         self.logger = logger
         self.max_cap = max(1, max_cap)
         self.keepalive = keepalive
@@ -304,6 +308,39 @@ class IdlePool:
         return conn
 
     # -- API -------------------------------------------------------------------
+    def take_idle(self, *, newest: bool = False) -> tuple[str, PoolConnection] | None:
+        """The oldest (``newest``: the most recent) idle member other than the
+        control one, taken now; None when there is none (or the pool is closed)."""
+        if self.closed:
+            return None
+        idle = self._idle
+        if not newest:
+            # The common case: the oldest member is not the control one.
+            first = next(iter(idle), None)
+            if first is not None and first != CONTROL_ID:
+                conn = self._take(first)
+                if conn is not None and not conn.lost:
+                    return first, conn
+        candidates = list(idle)
+        for cid in reversed(candidates) if newest else candidates:
+            if cid == CONTROL_ID:
+                continue
+            conn = self._take(cid)
+            if conn is not None and not conn.lost:
+                return cid, conn
+        return None
+
+    def take(self, conn_id: str) -> PoolConnection | None:
+        """The member named ``conn_id`` taken now (an idle one, or one the peer
+        closed a moment ago); None when it has not arrived."""
+        if self.closed:
+            return None
+        conn = self._take(conn_id)
+        if conn is not None:
+            return conn
+        dead = self._dead.pop(conn_id, None)
+        return dead[1] if dead is not None else None
+
     def incoming_get(
         self, timeout: float, *, newest: bool = False
     ) -> defer.Deferred[tuple[str, PoolConnection]]:
@@ -316,13 +353,9 @@ class IdlePool:
         """
         if self.closed:
             return defer.fail(PoolError("IncomingGet: pool closed"))
-        candidates = list(self._idle)
-        for cid in reversed(candidates) if newest else candidates:
-            if cid == CONTROL_ID:
-                continue
-            conn = self._take(cid)
-            if conn is not None and not conn.lost:
-                return defer.succeed((cid, conn))
+        got = self.take_idle(newest=newest)
+        if got is not None:
+            return defer.succeed(got)
         d: defer.Deferred[tuple[str, PoolConnection]] = defer.Deferred()
         self._any_waiters.append(d)
 
@@ -339,12 +372,9 @@ class IdlePool:
         """The member named ``conn_id``, waiting up to ``timeout`` for it to arrive."""
         if self.closed:
             return defer.fail(PoolError("OutgoingGet: pool closed"))
-        conn = self._take(conn_id)
+        conn = self.take(conn_id)
         if conn is not None:
             return defer.succeed(conn)
-        dead = self._dead.pop(conn_id, None)
-        if dead is not None:
-            return defer.succeed(dead[1])
         d: defer.Deferred[PoolConnection] = defer.Deferred()
         self._id_waiters.setdefault(conn_id, []).append(d)
 
@@ -453,6 +483,7 @@ class ServerPoolBase(IdlePool):
             self.logger.warn("Tunnel connection refused: %s is not the handshaken client %s", host, self.client_ip)
             return False
         set_keepalive(conn.transport, self.keepalive)
+        set_nodelay(conn.transport)
         self._conns.add(conn)
         return True
 
@@ -473,8 +504,14 @@ class ServerPoolBase(IdlePool):
             return
         raw = self.new_id()
         conn.id = raw.hex()
-        conn.transport.write(raw)  # type: ignore[union-attr]
-        self.logger.debug("Tunnel pool: id %s -> %s", conn.id, conn.peer_text())
+        t: Any = conn.transport
+        # Written at once, not on the next reactor pass: the member is
+        # usable only once the peer has its ID.
+        rest = write_at_once(t, raw) if is_plain_tcp(t) else raw
+        if rest is not None:
+            t.write(rest)
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Tunnel pool: id %s -> %s", conn.id, conn.peer_text())
         self._enqueue(conn)
 
     def _early_data(self, conn: PoolConnection) -> None:
@@ -531,8 +568,9 @@ class ClientPoolBase(IdlePool):
         self.interval = min_interval
         self._timer: Any = None
         self._running = False
-        #: Members being opened (dialled, or waiting for their ID) -> their Deferred.
-        self._opening: dict[PoolConnection, defer.Deferred[bool]] = {}
+        #: Members being opened (dialled, or waiting for their ID) -> the Deferred
+        #: of the round that opens them (None for replacements).
+        self._opening: dict[PoolConnection, defer.Deferred[bool] | None] = {}
 
     # -- what a transport provides ---------------------------------------------------
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
@@ -579,7 +617,11 @@ class ClientPoolBase(IdlePool):
             self._adjust_capacity(0)
             self._schedule()
             return
-        ds = [self._create() for _ in range(need)]
+        ds: list[defer.Deferred[bool]] = []
+        for _ in range(need):
+            d: defer.Deferred[bool] = defer.Deferred()
+            ds.append(d)
+            self._create(d)
 
         def finished(results: list[tuple[bool, Any]]) -> None:
             if self.closed:
@@ -605,16 +647,15 @@ class ClientPoolBase(IdlePool):
         for _ in range(count):
             self._create()
 
-    def _create(self) -> defer.Deferred[bool]:
-        """Open one member; fires True once it holds an ID, False otherwise."""
-        d: defer.Deferred[bool] = defer.Deferred()
+    def _create(self, done: defer.Deferred[bool] | None = None) -> None:
+        """Open one member; ``done`` (if any) fires True once it holds an ID,
+        False otherwise."""
         conn = PoolConnection(self, False)
-        self._opening[conn] = d
+        self._opening[conn] = done
         try:
             self._open_member(conn, lambda reason: self._open_failed(conn, reason))
         except Exception as exc:
             self._open_failed(conn, str(exc) or type(exc).__name__)
-        return d
 
     @property
     def opening(self) -> int:
@@ -622,9 +663,11 @@ class ClientPoolBase(IdlePool):
         return len(self._opening)
 
     def _open_failed(self, conn: PoolConnection, reason: str) -> None:
-        d = self._opening.pop(conn, None)
+        if conn not in self._opening:
+            return
+        d = self._opening.pop(conn)
+        self.last_error = reason
         if d is not None:
-            self.last_error = reason
             d.callback(False)
 
     # -- members ---------------------------------------------------------------------
@@ -638,7 +681,8 @@ class ClientPoolBase(IdlePool):
         if self.closed:
             conn.abort()
             return
-        self.logger.debug("Tunnel pool: id %s <- %s", conn.id, conn.peer_text(local=True))
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Tunnel pool: id %s <- %s", conn.id, conn.peer_text(local=True))
         self._enqueue(conn)
         if d is not None:
             d.callback(True)
@@ -659,6 +703,6 @@ class ClientPoolBase(IdlePool):
         opening, self._opening = self._opening, {}
         for conn, d in opening.items():
             conn.abort()
-            if not d.called:
+            if d is not None and not d.called:
                 d.callback(False)
         self._close_transport()

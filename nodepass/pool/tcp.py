@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
+from nodepass.relay.connect import connect_tcp
 from nodepass.relay.tls import TLSFactory
 
 __all__ = ["TcpServerPool", "TcpClientPool"]
@@ -59,17 +60,32 @@ class _DialFactory(ClientFactory):
     noisy = False  # one factory per member: no "Starting factory" log lines
 
     def __init__(self, conn: PoolConnection, failed: Callable[[Failure], None], done: Callable[[], None]) -> None:
-        self.conn = conn
+        self.conn: PoolConnection | None = conn
         self.failed = failed
         self.done = done
 
-    def buildProtocol(self, addr: IAddress | None) -> PoolConnection:
+    def buildProtocol(self, addr: IAddress | None) -> PoolConnection | None:
         self.done()
-        return self.conn
+        # Handed over once and not kept, nor the callbacks that refer to it: a
+        # TLS layer keeps this factory, and the member would otherwise be
+        # freed only by the cycle collector.
+        conn, self.conn = self.conn, None
+        self.failed, self.done = _ignore, _nothing
+        return conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.done()
-        self.failed(reason)
+        failed = self.failed
+        self.conn, self.failed, self.done = None, _ignore, _nothing
+        failed(reason)
+
+
+def _ignore(_reason: Failure) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
 
 
 class TcpClientPool(ClientPoolBase):
@@ -106,6 +122,7 @@ class TcpClientPool(ClientPoolBase):
         def done() -> None:
             for connector in connectors:
                 self._connectors.discard(connector)
+            connectors.clear()
 
         def dial_failed(reason: Failure) -> None:
             failed(f"dial tcp {self.host}:{self.port}: {reason.getErrorMessage()}")
@@ -116,9 +133,11 @@ class TcpClientPool(ClientPoolBase):
         if self._connect is not None:
             self._connect(factory)
             return
-        connector = self.reactor.connectTCP(self.host, self.port, factory, timeout=self.dial_timeout)
-        connectors.append(connector)
-        self._connectors.add(connector)
+        connector = connect_tcp(self.reactor, self.host, self.port, factory, timeout=self.dial_timeout)
+        if getattr(connector, "state", "connecting") == "connecting":
+            # Still under way (a refused or failed dial may already be over).
+            connectors.append(connector)
+            self._connectors.add(connector)
 
     def _close_transport(self) -> None:
         for connector in list(self._connectors):

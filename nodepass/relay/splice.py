@@ -201,15 +201,19 @@ class _SpliceExchange:
             self._taken.append((transport, read, write))
             side._on_eof = self._eof_callback(d_in)
             side._resume("buffer")
-        a.when_lost().addCallback(self._lost, a)
-        b.when_lost().addCallback(self._lost, b)
+        a.on_lost(lambda reason: self._lost(reason, a))
+        b.on_lost(lambda reason: self._lost(reason, b))
         for d in (self.ab, self.ba):
+            if self.finished:
+                break
             if d.prefix:
-                d.src_t.stopReading()
-                d.dst_t.startWriting()
+                # Sent now: the destination is usually writable already, and
+                # waiting for the next reactor pass would cost a poll round
+                # (what it does not take is sent once it is writable).
+                self._flush(d)
             elif not d.src._pause_reasons:
                 d.src_t.startReading()
-        if self.read_timeout > 0:
+        if self.read_timeout > 0 and not self.finished:
             self.timer = self.reactor.callLater(self.read_timeout, self._check_idle)
         return self.done
 
@@ -443,6 +447,10 @@ class _SpliceExchange:
                 # socket itself): close now, orderly, rather than on a write
                 # event that a socket shut down both ways reports as a hang-up.
                 t._writeDisconnected = True
+                # close() alone sends the FIN (or the RST when unread bytes
+                # remain, as after a shutdown); the shutdown call Twisted
+                # makes first would only cost a system call.
+                t._shouldShutdown = False
                 side.close()
 
     def _lost(self, reason: str, side: RelayProtocol) -> None:

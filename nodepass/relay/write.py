@@ -20,17 +20,27 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
 
+from nodepass.relay.connect import LeanClient
+
 __all__ = ["direct_writer", "write_at_once", "is_plain_tcp", "set_nodelay", "set_keepalive"]
+
+#: Twisted's TCP transports, and the one of :mod:`nodepass.relay.connect`.
+_PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client, LeanClient)
 
 
 def set_nodelay(transport: Any) -> None:
-    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort."""
+    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort.
+
+    Done once per transport: a pool member already has it when it is joined."""
     seen = 0
     while transport is not None and seen < 4:
         fn = getattr(transport, "setTcpNoDelay", None)
         if fn is not None:
+            if getattr(transport, "_np_nodelay", False):
+                return
             try:
                 fn(True)
+                transport._np_nodelay = True
             except Exception:
                 pass
             return
@@ -80,7 +90,7 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
 
 def is_plain_tcp(transport: Any) -> bool:
     """True for a Twisted TCP transport with no TLS started on it."""
-    return type(transport) in (tcp.Server, tcp.Client) and not getattr(transport, "TLS", False)
+    return type(transport) in _PLAIN_TCP and not getattr(transport, "TLS", False)
 
 
 def write_at_once(t: Any, data: bytes) -> bytes | None:
