@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectBindError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -215,9 +214,11 @@ class TargetDialer:
         self._lean = lean_reactor(reactor)
 
     # -- one connection ------------------------------------------------------
-    def _endpoint(
-        self, ip: str, port: int, timeout: float, bind: tuple[str, int] | None
-    ) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
+    def _endpoint(self, ip: str, port: int, timeout: float, bind: tuple[str, int] | None) -> Any:
+        # Only for reactors that relay.connect cannot drive (test reactors):
+        # the endpoints module loads the TLS libraries.
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
         if ":" in ip:
             return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
                 self._reactor, ip, port, timeout=timeout, bindAddress=bind
@@ -225,11 +226,13 @@ class TargetDialer:
         return TCP4ClientEndpoint(self._reactor, ip, port, timeout=timeout, bindAddress=bind)
 
     def _connect_once(
-        self, ip: str, port: int, factory: IProtocolFactory, bind: tuple[str, int] | None
+        self, ip: str, port: int, factory: IProtocolFactory, bind: tuple[str, int] | None,
+        timeout: float | None = None,
     ) -> Deferred[IProtocol]:
+        timeout = self.tcp_timeout if timeout is None else timeout
         if self._lean:
-            return dial(self._reactor, ip, port, factory, timeout=self.tcp_timeout, bind=bind)
-        return self._endpoint(ip, port, self.tcp_timeout, bind).connect(factory)
+            return dial(self._reactor, ip, port, factory, timeout=timeout, bind=bind)
+        return self._endpoint(ip, port, timeout, bind).connect(factory)  # type: ignore[no-any-return]
 
     def _connect_address(
         self, ip: str, port: int, factory: IProtocolFactory
@@ -295,7 +298,7 @@ class TargetDialer:
         def connect(addr: tuple[str, int]) -> Deferred[IProtocol]:
             factory = Factory.forProtocol(_Closer)
             factory.noisy = False
-            return self._endpoint(addr[0], addr[1], self.probe_timeout, None).connect(factory)
+            return self._connect_once(addr[0], addr[1], factory, None, self.probe_timeout)
 
         d.addCallback(connect)
 

@@ -227,6 +227,7 @@ class IdlePool:
         self._id_waiters: dict[str, list[defer.Deferred[PoolConnection]]] = {}
         self._errors = 0
         self._dead: OrderedDict[str, tuple[float, PoolConnection]] = OrderedDict()
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     # -- counters --------------------------------------------------------------
     @property
@@ -252,6 +253,14 @@ class IdlePool:
 
     def has(self, conn_id: str) -> bool:
         return conn_id in self._idle
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """A Deferred fired once at least one member is idle (at once if one is)."""
+        if self._idle:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     # -- internal --------------------------------------------------------------
     def _enqueue(self, conn: PoolConnection) -> None:
@@ -279,6 +288,14 @@ class IdlePool:
             conn.abort()
             return
         self._idle[conn.id] = conn
+        if self._idle_waiters:
+            self._wake_idle_waiters()
+
+    def _wake_idle_waiters(self) -> None:
+        woken, self._idle_waiters = self._idle_waiters, []
+        for w in woken:
+            if not w.called:
+                w.callback(None)
 
     def _left_idle(self) -> None:
         """A member left the idle set (taken for use, or closed)."""
@@ -408,6 +425,7 @@ class IdlePool:
             return
         self.closed = True
         self.flush()
+        self._wake_idle_waiters()
         anyw, self._any_waiters = self._any_waiters, []
         for d in anyw:
             if not d.called:
@@ -417,6 +435,18 @@ class IdlePool:
             for d2 in lst:
                 if not d2.called:
                     d2.errback(PoolError("OutgoingGet: pool closed"))
+
+
+_RANDOM = bytearray()
+
+
+def _random4() -> bytes:
+    """4 bytes from the system's random source, read 4 KiB at a time."""
+    if len(_RANDOM) < 4:
+        _RANDOM[:] = os.urandom(4096)
+    raw = bytes(_RANDOM[-4:])
+    del _RANDOM[-4:]
+    return raw
 
 
 def _cancel_call(call: Any) -> Callable[[Any], Any]:
@@ -493,7 +523,7 @@ class ServerPoolBase(IdlePool):
             self._first = False
             return b"\x00\x00\x00\x00"
         while True:
-            raw = os.urandom(4)
+            raw = _random4()
             cid = raw.hex()
             if cid != CONTROL_ID and cid not in self._idle:
                 return raw

@@ -38,6 +38,9 @@ class IPool(Interface):
     def has(conn_id: str) -> bool:
         """Whether an idle member has this ID."""
 
+    def when_idle() -> object:
+        """A Deferred fired once at least one member is idle."""
+
     def full() -> bool:
         """Whether ``max`` members are idle."""
 

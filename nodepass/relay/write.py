@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
 
 from nodepass.relay.connect import LeanClient
 
@@ -65,7 +64,12 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     transport (test transports) gets its own ``write``.
     """
     batcher = getattr(transport, "_aggregator", None)
-    if isinstance(transport, TLSMemoryBIOProtocol) and isinstance(batcher, _AggregateSmallWrites):
+    if batcher is not None and type(transport).__module__ == "twisted.protocols.tls":
+        # Only then is Twisted's TLS module (and pyOpenSSL) loaded for sure.
+        from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
+
+        if not isinstance(transport, TLSMemoryBIOProtocol) or not isinstance(batcher, _AggregateSmallWrites):
+            return transport.write  # type: ignore[no-any-return]
         tls_t: Any = transport
         tls_write: Any = TLSMemoryBIOProtocol.write
         agg: Any = batcher

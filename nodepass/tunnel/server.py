@@ -51,7 +51,6 @@ from nodepass.tunnel.timers import DelayedCalls
 
 __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "listen_tcp"]
 
-POLL = 0.05
 #: Listen backlog (Go listeners use the system maximum).
 BACKLOG = 4096
 
@@ -206,18 +205,26 @@ class DualEndSession:
     @defer.inlineCallbacks
     def _set_control(self) -> Any:
         """Wait for >= 1 idle pool connection, then take ``00000000`` as control."""
-        waited = 0.0
-        while self.pool.active == 0:
-            if waited > self.settings.handshake_timeout:
+        if self.pool.active == 0:
+            # Woken by the first idle member (not by polling: the control
+            # channel is up as soon as it can be).
+            arrived = self.pool.when_idle()
+            timer = self.reactor.callLater(self.settings.handshake_timeout, arrived.cancel)
+            try:
+                yield arrived
+            except defer.CancelledError:
+                pass
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if self.stopped:
+                raise SessionError(f"{self.step_prefix}setControlConn failed: setControlConn: context canceled")
+            if self.pool.active == 0:
                 detail = getattr(self.pool, "last_error", "")
                 raise SessionError(
                     f"{self.step_prefix}setControlConn failed: setControlConn: handshake timeout"
                     + (f" (last pool connection error: {detail})" if detail else "")
                 )
-            yield self._sleep(POLL)
-            if self.stopped:
-                raise SessionError(f"{self.step_prefix}setControlConn failed: setControlConn: context canceled")
-            waited += POLL
         try:
             conn = yield self.pool.outgoing_get(CONTROL_ID, self.settings.pool_get_timeout)
         except PoolError as exc:
