@@ -16,12 +16,17 @@ each member is used once and then closed.
 :class:`IdlePool` keeps idle members in FIFO order (``active`` = how many)
 and offers:
 
+* :meth:`IdlePool.take_idle` / :meth:`IdlePool.take`: the same two look-ups
+  without waiting (None when there is nothing), which is what a new
+  connection normally needs;
 * :meth:`IdlePool.incoming_get` (ingress side): the oldest idle member,
   waiting up to a timeout ("insufficient pool connections");
 * :meth:`IdlePool.outgoing_get` (egress side): the member with a given ID,
   waiting up to a timeout for it to arrive ("pool connection not found"); an
   idle member the peer closed stays findable by ID for a few seconds, because
   the peer's close can overtake the signal that names it;
+* :meth:`IdlePool.when_idle`: fires once a member is idle (the control
+  channel is taken then);
 * :meth:`IdlePool.flush`, :meth:`IdlePool.close`, and an error counter.
 
 A member that closes while idle leaves the pool at once.
@@ -41,8 +46,13 @@ a member leaves the idle set (taken for use, or closed by the peer) it opens
 new ones at once until idle plus opening members reach the capacity again,
 with at most :data:`REFILL_DIALS` openings under way.  The wire is the same
 as with rounds alone; a burst of new connections no longer waits for the
-next round.  An ID must arrive within 60 s.  Subclasses say how one member
-is opened (:meth:`ClientPoolBase._open_member`).
+next round.  An ID must arrive within 60 s (kept on the clock's
+:class:`~nodepass.wheel.TimerWheel`, not one delayed call per member).
+Subclasses say how one member is opened (:meth:`ClientPoolBase._open_member`).
+
+Every member gets ``TCP_NODELAY`` (and keep-alive) as soon as it is
+connected, on both ends, as NodePass's do: the 4-byte ID and the control
+signals are small writes that must not wait for the peer's delayed ACK.
 """
 
 from __future__ import annotations
@@ -113,7 +123,7 @@ class PoolConnection(RelayProtocol):
         self.in_use = False
         self._id_buf = b""
         self._id_timer: Any = None
-        self._peer_fp = ""
+        self._peer_cert: Any = None
 
     # -- opening ----------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -136,7 +146,9 @@ class PoolConnection(RelayProtocol):
 
     def handshakeCompleted(self) -> None:
         if not self.is_server:
-            self._peer_fp = self._read_peer_fingerprint()
+            # Kept as it is (DER bytes on the lean TLS layer); the fingerprint
+            # is computed only for the member a ``verify`` names.
+            self._peer_cert = self._read_peer_certificate()
             return
         self._cancel_id_timer()
         if not self.lost and not self.id:
@@ -183,23 +195,19 @@ class PoolConnection(RelayProtocol):
     def peer_fingerprint(self) -> str:
         """Fingerprint of the peer's TLS certificate on this member ("" if none),
         as seen when its handshake completed."""
-        if self._peer_fp:
-            return self._peer_fp
-        return self._read_peer_fingerprint()
-
-    def _read_peer_fingerprint(self) -> str:
         from nodepass.tls import fingerprint_of_x509
 
+        cert = self._peer_cert if self._peer_cert is not None else self._read_peer_certificate()
+        return fingerprint_of_x509(cert) if cert is not None else ""
+
+    def _read_peer_certificate(self) -> Any:
         get = getattr(self.transport, "getPeerCertificate", None)
         if get is None:
-            return ""
+            return None
         try:
-            cert = get()
+            return get()
         except Exception:
-            return ""
-        if cert is None:
-            return ""
-        return fingerprint_of_x509(cert)
+            return None
 
     def peer_text(self, local: bool = False) -> str:
         """``ip:port`` of the peer (or of this end) of the carrying connection."""

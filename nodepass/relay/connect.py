@@ -64,6 +64,10 @@ class _Client(tcp.Client):
             self.socket = skt
             self.fileno = skt.fileno  # type: ignore[method-assign]
             self.protocol = None  # type: ignore[assignment]
+            # Set now rather than once connected, so that the instance keeps
+            # a compact attribute dictionary.
+            self.connected = 0
+            self.logstr = ""
             self._started = True
         else:
             reactor.callLater(0, self.failIfNotConnected, error)

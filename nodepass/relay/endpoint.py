@@ -71,6 +71,10 @@ class RelayProtocol(Protocol):
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
 
     def __init__(self) -> None:
+        # Every attribute set later by Twisted is set here first, so that the
+        # instance keeps a compact (key-sharing) attribute dictionary.
+        self.connected = 0
+        self.factory: Any = None
         self.transport: ITransport | None = None
         self.lost: bool = False
         self.lost_reason: str = ""

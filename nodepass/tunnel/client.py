@@ -2,7 +2,10 @@
 
 Start sequence (one session): send the HTTP handshake to the tunnel address
 (``handshake_timeout`` for the whole exchange; https only when the tunnel
-port is ``443``), adopt ``flow``/``max``/``tls``/``type`` from the answer,
+port is ``443``; in the first session of the process a refused connection is
+tried again every 50 ms for up to ``service_cooldown`` seconds, since both
+ends are often started together and the server may not listen yet - the
+session then fails as before), adopt ``flow``/``max``/``tls``/``type`` from the answer,
 start the client pool (``min`` from the URL, ``max`` from the server, TLS as
 the server said), take connection ``00000000`` as the control channel, and
 with flow ``+`` listen on the first target address as the ingress side.

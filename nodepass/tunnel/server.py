@@ -18,6 +18,9 @@ channel are up:
   policy, send the PROXY header if configured, and relay; ``udp`` goes to
   :class:`nodepass.tunnel.udp.UdpEgress`.
 
+One TCP exchange of either side, once admitted, is run by
+:mod:`nodepass.tunnel.exchange`.
+
 :class:`ServerSession` adds the server start sequence: listen on the tunnel
 address, choose the mode (reverse binds the target; forward otherwise), serve
 the HTTP handshake, then treat every new connection on the tunnel port as a
