@@ -231,7 +231,9 @@ class IdlePool:
         #: Why the most recent attempt to open a member failed ("" if none did).
         self.last_error = ""
         self._idle: OrderedDict[str, PoolConnection] = OrderedDict()
-        self._any_waiters: list[defer.Deferred[tuple[str, PoolConnection]]] = []
+        #: Users waiting for any idle member, oldest first (a dict: a burst
+        #: may queue thousands, each removed in O(1) when it times out).
+        self._any_waiters: dict[defer.Deferred[tuple[str, PoolConnection]], None] = {}
         self._id_waiters: dict[str, list[defer.Deferred[PoolConnection]]] = {}
         self._errors = 0
         self._dead: OrderedDict[str, tuple[float, PoolConnection]] = OrderedDict()
@@ -286,7 +288,8 @@ class IdlePool:
             return
         if conn.id != CONTROL_ID:
             while self._any_waiters:
-                d2 = self._any_waiters.pop(0)
+                d2 = next(iter(self._any_waiters))
+                del self._any_waiters[d2]
                 if d2.called:
                     continue
                 conn.in_use = True
@@ -382,11 +385,10 @@ class IdlePool:
         if got is not None:
             return defer.succeed(got)
         d: defer.Deferred[tuple[str, PoolConnection]] = defer.Deferred()
-        self._any_waiters.append(d)
+        self._any_waiters[d] = None
 
         def expire() -> None:
-            if d in self._any_waiters:
-                self._any_waiters.remove(d)
+            if self._any_waiters.pop(d, 0) is None:
                 d.errback(PoolError("IncomingGet: insufficient pool connections"))
 
         call = self.reactor.callLater(timeout, expire)
@@ -434,7 +436,7 @@ class IdlePool:
         self.closed = True
         self.flush()
         self._wake_idle_waiters()
-        anyw, self._any_waiters = self._any_waiters, []
+        anyw, self._any_waiters = self._any_waiters, {}
         for d in anyw:
             if not d.called:
                 d.errback(PoolError("IncomingGet: pool closed"))

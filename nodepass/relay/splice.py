@@ -447,8 +447,7 @@ class _SpliceExchange:
             self._give_back(t)
             if side.lost:
                 continue
-            t.stopReading()
-            t.stopWriting()
+            # (Both ways of closing below stop reading and writing first.)
             if abort:
                 t.abortConnection()
             else:

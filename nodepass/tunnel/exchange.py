@@ -34,7 +34,7 @@ from nodepass.tunnel.signals import Signal
 if TYPE_CHECKING:
     from nodepass.tunnel.server import DualEndSession
 
-__all__ = ["IngressTCP", "EgressTCP", "peer_text", "TARGET_FACTORY"]
+__all__ = ["IngressTCP", "EgressTCP", "peer_text", "err_text", "TARGET_FACTORY"]
 
 #: Builds the target side of every egress exchange (one factory for all of them).
 TARGET_FACTORY = Factory.forProtocol(RelayProtocol)
@@ -55,24 +55,44 @@ def peer_text(transport: Any) -> str:
     return addr_text(transport.getPeer(), unmap=True)
 
 
-def _err_text(exc: Any) -> str:
+def err_text(exc: Any) -> str:
+    """The text of an exception or Failure (its type name when it has none)."""
     if isinstance(exc, Failure):
         exc = exc.value
     text = str(exc)
     return text or type(exc).__name__
 
 
-class IngressTCP:
+class _Exchange:
+    """What both kinds share: the session, and the slot given back once."""
+
+    __slots__ = ("session", "released")
+
+    def __init__(self, session: DualEndSession) -> None:
+        self.session = session
+        self.released = False
+
+    def _end(self, reason: str | None) -> None:
+        """Give the slot back (once); log the relay's end reason, if it ran."""
+        if self.released:
+            return
+        self.released = True
+        s = self.session
+        s.policy.release("tcp")
+        if reason is not None:
+            s.logger.info("Exchange complete: %s", reason)
+
+
+class IngressTCP(_Exchange):
     """An admitted user connection: sniff, take a pool connection, signal, relay."""
 
-    __slots__ = ("session", "user", "peer", "conn", "released")
+    __slots__ = ("user", "peer", "conn")
 
     def __init__(self, session: DualEndSession, user: RelayProtocol, peer: str) -> None:
-        self.session = session
+        super().__init__(session)
         self.user = user
         self.peer = peer
         self.conn: Any = None
-        self.released = False
 
     def start(self) -> None:
         s = self.session
@@ -147,31 +167,21 @@ class IngressTCP:
         self._end(reason)
 
     def _crashed(self, failure: Any) -> None:
-        self.session.logger.error("commonTCPLoop: %s", _err_text(failure))
+        self.session.logger.error("commonTCPLoop: %s", err_text(failure))
         self.user.abort()
         self._end(None)
 
-    def _end(self, reason: str | None) -> None:
-        if self.released:
-            return
-        self.released = True
-        s = self.session
-        s.policy.release("tcp")
-        if reason is not None:
-            s.logger.info("Exchange complete: %s", reason)
 
-
-class EgressTCP:
+class EgressTCP(_Exchange):
     """An admitted pool connection named by a ``tcp`` signal: dial, PROXY header, relay."""
 
-    __slots__ = ("session", "conn", "remote", "target", "released")
+    __slots__ = ("conn", "remote", "target")
 
     def __init__(self, session: DualEndSession, conn: Any, remote: str) -> None:
-        self.session = session
+        super().__init__(session)
         self.conn = conn
         self.remote = remote
         self.target: Any = None
-        self.released = False
 
     def start(self) -> None:
         s = self.session
@@ -187,7 +197,7 @@ class EgressTCP:
         d.addCallbacks(self._connected, self._dial_failed).addErrback(self._crashed)
 
     def _dial_failed(self, failure: Any) -> None:
-        self.session.logger.error("commonTCPOnce: dialWithRotation failed: %s", _err_text(failure))
+        self.session.logger.error("commonTCPOnce: dialWithRotation failed: %s", err_text(failure))
         self.conn.close()
         self._end(None)
 
@@ -229,17 +239,8 @@ class EgressTCP:
         ).addCallback(self._end)
 
     def _crashed(self, failure: Failure) -> None:
-        self.session.logger.error("commonTCPOnce: %s", _err_text(failure))
+        self.session.logger.error("commonTCPOnce: %s", err_text(failure))
         self.conn.close()
         if self.target is not None:
             self.target.close()
         self._end(None)
-
-    def _end(self, reason: str | None) -> None:
-        if self.released:
-            return
-        self.released = True
-        s = self.session
-        s.policy.release("tcp")
-        if reason is not None:
-            s.logger.info("Exchange complete: %s", reason)

@@ -47,6 +47,7 @@ from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_po
 from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
 from nodepass.tunnel.exchange import EgressTCP, IngressTCP, peer_text
+from nodepass.tunnel.exchange import err_text as _err_text
 from nodepass.tunnel.handshake import HandshakeServerProtocol, TunnelConfig
 from nodepass.tunnel.health import ControlChannel
 from nodepass.tunnel.signals import Signal
@@ -419,13 +420,6 @@ class DualEndSession:
                 policy=self.policy,
             )
         self._udp_egress.open(signal.remote, conn)
-
-
-def _err_text(exc: Any) -> str:
-    if isinstance(exc, Failure):
-        exc = exc.value
-    text = str(exc)
-    return text or type(exc).__name__
 
 
 class _TunnelPortFactory(Factory):
