@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from nodepass.env import Settings
 from nodepass.log import Level, NodePassLogger
 from nodepass.net import addr_text as _addr_text
-from nodepass.net import listen_any
+from nodepass.net import listen_tcp
 from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_port, server_pool
 from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
@@ -55,8 +55,6 @@ from nodepass.tunnel.timers import DelayedCalls
 
 __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text", "listen_tcp"]
 
-#: Listen backlog (Go listeners use the system maximum).
-BACKLOG = 4096
 
 
 class SessionError(Exception):
@@ -66,12 +64,6 @@ class SessionError(Exception):
 def addr_text(addr: Any) -> str:
     """``ip:port`` / ``[v6]:port`` of a Twisted address (IPv4-mapped shown as IPv4)."""
     return _addr_text(addr, unmap=True)
-
-
-def listen_tcp(reactor: Any, host: str, port: int, factory: Factory) -> Any:
-    """listenTCP on ``host`` ("" = all interfaces, IPv6 dual-stack when possible),
-    with a large backlog so bursts of connections are not dropped."""
-    return listen_any(lambda interface: reactor.listenTCP(port, factory, backlog=BACKLOG, interface=interface), host)
 
 
 class _UserConnection(RelayProtocol):

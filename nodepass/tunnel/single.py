@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from nodepass.datapath.policy import DataPolicy
 from nodepass.env import Settings
 from nodepass.log import NodePassLogger
-from nodepass.net import addr_text, listen_any
+from nodepass.net import addr_text, listen_tcp
 from nodepass.relay import RelayProtocol, join
 from nodepass.stats import TunnelStats
 from nodepass.tunnel import startup_text
@@ -367,7 +367,7 @@ class SingleEndService(Service):
         try:
             if not self.config.notcp:
                 factory = _UserFactory(self)
-                self._tcp_port = listen_any(lambda interface: self.reactor.listenTCP(port, factory, interface=interface), host)
+                self._tcp_port = listen_tcp(self.reactor, host, port, factory)
             if not self.config.noudp:
                 forwarder = _UdpForwarder(self)
                 udp_port = listen_udp(self.reactor, host, port, forwarder, self.settings.udp_data_buf_size)
