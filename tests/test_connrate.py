@@ -7,6 +7,7 @@
   refused handshake is retried at short intervals (up to one cooldown).
 * Pool connections carry ``TCP_NODELAY`` from the start, as NodePass's do
   (signals and IDs are never held back behind an unacknowledged segment).
+* User listeners (dual-end and single-end) have a long listen backlog.
 
 No timing is asserted: the outcome is.
 """
@@ -16,14 +17,17 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
 from nodepass.env import Settings
 from nodepass.log import Level
+from nodepass.net import BACKLOG
 from nodepass.service import raise_open_file_limit
-from tests.support import connect, echo_roundtrip, sleep, wait_for
+from nodepass.tunnel import make_tunnel_service
+from nodepass.url import parse_tunnel_url
+from tests.support import connect, echo_roundtrip, free_port, quiet_logger, sleep, wait_for
 from tests.test_tunnel_tcp import Tunnel
 
 BURST = 2000
@@ -149,3 +153,25 @@ class NoDelayTests(unittest.TestCase):
                 sock = conn.transport.getHandle()
                 self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 
+
+class BacklogTests(unittest.TestCase):
+    """Every user-facing TCP listener queues a burst instead of dropping SYNs."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_dual_end_listeners(self) -> Any:
+        t = Tunnel(self, flow="-")
+        yield t.start()
+        session = t.server.session  # type: ignore[union-attr]
+        self.assertEqual([p.backlog for p in session._listeners], [BACKLOG, BACKLOG])
+
+    def test_single_end_listener(self) -> None:
+        port = free_port()
+        svc = make_tunnel_service(
+            parse_tunnel_url(f"client://127.0.0.1:{port}/127.0.0.1:9?mode=1&noudp=1"),
+            reactor=reactor, logger=quiet_logger("warn"), settings=Settings(),
+        )
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.assertEqual(svc.single._tcp_port.backlog, BACKLOG)  # type: ignore[attr-defined]
