@@ -10,16 +10,22 @@ SIGINT/SIGTERM stop the service gracefully (within ``NP_SHUTDOWN_TIMEOUT``).
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from nodepass import __version__
-from nodepass.env import Settings
-from nodepass.log import Level, NodePassLogger, parse_level
-from nodepass.url import USAGE_FORMS, URLError, parse_url
+from nodepass.startup import defer_modules
+
+# Before anything imports Twisted: see nodepass.startup.
+defer_modules()
+
+from nodepass import __version__  # noqa: E402
+from nodepass.env import Settings  # noqa: E402
+from nodepass.log import Level, NodePassLogger, parse_level  # noqa: E402
+from nodepass.url import USAGE_FORMS, URLError, parse_url  # noqa: E402
 
 __all__ = ["main", "usage_box", "help_text", "version_line"]
 
@@ -114,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except URLError as exc:
         return fail(f"invalid URL: {exc}")
 
+    if getattr(config, "scheme", "") in ("server", "client"):
+        # A tunnel loads TLS libraries only if it uses them (smaller, starts sooner).
+        from nodepass.startup import defer_tls_libraries
+
+        defer_tls_libraries()
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
@@ -156,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+    # Everything made so far (modules, classes, the service) lives as long as
+    # the process: keep it out of the cycle collector's full passes, which
+    # otherwise walk all of it again and again under a burst of connections.
+    gc.freeze()
     reactor.run()
     return status["code"]
 

@@ -5,7 +5,10 @@
   address as plain IPv4 and dropping an IPv6 zone suffix.
 * :func:`listen_any`: bind on one interface, or on every interface
   (dual-stack ``::`` first, IPv4 when IPv6 is unavailable);
-* :func:`listen_tcp`: the same for a TCP listener, with a large backlog.
+* :func:`listen_tcp`: a TCP listener of the tunnel (user and tunnel ports)
+  with a listen backlog of :data:`BACKLOG`, so that a burst of connections
+  is queued rather than dropped (a dropped SYN costs the user a second or
+  more before it is sent again).
 """
 
 from __future__ import annotations
@@ -16,10 +19,6 @@ from typing import Any, TypeVar
 from twisted.internet.error import CannotListenError
 
 __all__ = ["join_host_port", "addr_text", "listen_any", "listen_tcp", "BACKLOG"]
-
-#: Listen backlog of tunnel and user listeners (Go listeners use the system
-#: maximum; the kernel caps it at ``net.core.somaxconn``).
-BACKLOG = 4096
 
 _T = TypeVar("_T")
 
@@ -60,7 +59,12 @@ def listen_any(listen: Callable[[str], _T], host: str) -> _T:
         return listen("")
 
 
+#: Listen backlog of the tunnel's TCP listeners (Go listeners use the
+#: system maximum; the kernel caps it at ``net.core.somaxconn``).
+BACKLOG = 4096
+
+
 def listen_tcp(reactor: Any, host: str, port: int, factory: Any) -> Any:
-    """listenTCP on ``host`` ("" = all interfaces, IPv6 dual-stack when possible),
-    with a large backlog so bursts of connections are not dropped."""
+    """``listenTCP`` on ``host`` ("" = all interfaces, IPv6 dual-stack when
+    possible) with a backlog of :data:`BACKLOG`."""
     return listen_any(lambda interface: reactor.listenTCP(port, factory, backlog=BACKLOG, interface=interface), host)

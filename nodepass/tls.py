@@ -31,18 +31,19 @@ import os
 import secrets
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
-from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from nodepass.log import NodePassLogger
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL, crypto
+
+# pyOpenSSL, ``cryptography`` and Twisted's TLS support are imported where
+# they are used: a tls=0 tunnel never needs them, a tls=1 one needs only
+# ``cryptography`` to make its certificate (see nodepass.startup).
 
 __all__ = [
     "VERSION",
@@ -75,8 +76,13 @@ def fingerprint_of_x509(cert: Any) -> str:
         return fingerprint(cert)
     if hasattr(cert, "original"):
         cert = cert.original
-    if isinstance(cert, x509.Certificate):
-        return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+    public_bytes = getattr(cert, "public_bytes", None)
+    if public_bytes is not None:  # a cryptography Certificate
+        from cryptography.hazmat.primitives import serialization
+
+        return fingerprint(public_bytes(serialization.Encoding.DER))
+    from OpenSSL import crypto
+
     der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
     return fingerprint(der)
 
@@ -88,6 +94,11 @@ def self_signed_pem(version: str = VERSION) -> tuple[bytes, bytes]:
     """The process-wide in-memory certificate: (cert PEM, key PEM)."""
     global _RAM_CERT
     if _RAM_CERT is None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, version)])
@@ -135,6 +146,8 @@ def _load_pair(crt_file: str, key_file: str) -> tuple[Any, Any, bytes]:
 
 
 def _load_pem(crt_pem: bytes, key_pem: bytes) -> tuple[Any, Any, bytes]:
+    from OpenSSL import SSL, crypto
+
     try:
         cert = crypto.load_certificate(crypto.FILETYPE_PEM, crt_pem)
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
@@ -161,6 +174,8 @@ def _load_pem(crt_pem: bytes, key_pem: bytes) -> tuple[Any, Any, bytes]:
 
 
 def _server_context(cert: Any, key: Any) -> SSL.Context:
+    from OpenSSL import SSL
+
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET)
@@ -210,13 +225,23 @@ class ServerTLS:
         self._set(cert, key, der)
 
     def _set(self, cert: Any, key: Any, der: bytes) -> None:
-        self._context = _server_context(cert, key)
+        # ``cert``/``key``: pyOpenSSL objects (``cert`` may be ``(leaf, chain)``),
+        # or PEM bytes; the pyOpenSSL form and its context are made when first
+        # needed (the lean pool TLS never needs them).
+        self._source = (cert, key)
+        self._objects: tuple[Any, Any] | None = None if isinstance(cert, bytes) else (cert, key)
+        self._context: SSL.Context | None = None
         self._ssl_context: ssl.SSLContext | None = None
-        self._cert = cert
-        self._key = key
         self._alpn_contexts: dict[tuple[bytes, ...], SSL.Context] = {}
         self.der = der
         self.fingerprint = fingerprint(der)
+
+    def _openssl(self) -> tuple[Any, Any]:
+        """(certificate, key) as pyOpenSSL objects."""
+        if self._objects is None:
+            cert, key, _der = _load_pem(*self._source)
+            self._objects = (cert, key)
+        return self._objects
 
     def _maybe_reload(self) -> None:
         if self.code != 2 or not self._crt_file:
@@ -241,12 +266,16 @@ class ServerTLS:
         With ``alpn``, the context selects the first of those protocols that
         the client offers, and none when it offers none of them (the
         transport then decides what to do with such a client)."""
+        from OpenSSL import SSL
+
         self._maybe_reload()
         if not alpn:
+            if self._context is None:
+                self._context = _server_context(*self._openssl())
             return self._context
         ctx = self._alpn_contexts.get(alpn)
         if ctx is None:
-            ctx = _server_context(self._cert, self._key)
+            ctx = _server_context(*self._openssl())
 
             def select(conn: SSL.Connection, offered: list[bytes]) -> Any:
                 for proto in alpn:
@@ -261,11 +290,18 @@ class ServerTLS:
     def pem(self) -> tuple[bytes, bytes]:
         """(certificate chain PEM, private key PEM) of the certificate served now."""
         self._maybe_reload()
-        cert, chain = (self._cert, []) if not isinstance(self._cert, tuple) else self._cert
-        crt = b"".join(crypto.dump_certificate(crypto.FILETYPE_PEM, c) for c in [cert, *chain])
-        return crt, crypto.dump_privatekey(crypto.FILETYPE_PEM, self._key)
+        cert, key = self._source
+        if isinstance(cert, bytes):
+            return cert, key  # type: ignore[return-value]
+        from OpenSSL import crypto
+
+        leaf, chain = (cert, []) if not isinstance(cert, tuple) else cert
+        crt = b"".join(crypto.dump_certificate(crypto.FILETYPE_PEM, c) for c in [leaf, *chain])
+        return crt, crypto.dump_privatekey(crypto.FILETYPE_PEM, key)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        from OpenSSL import SSL
+
         conn = SSL.Connection(self.context(), None)
         conn.set_accept_state()
         return conn
@@ -299,6 +335,8 @@ class _AlpnServer:
         self._alpn = alpn
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        from OpenSSL import SSL
+
         conn = SSL.Connection(self._tls.context(self._alpn), None)
         conn.set_accept_state()
         return conn
@@ -349,9 +387,9 @@ def server_tls(
 
     def ram(message: str, warn: bool = False) -> ServerTLS:
         crt_pem, key_pem = self_signed_pem(version)
-        cert, key, der = _load_pem(crt_pem, key_pem)
+        der = ssl.PEM_cert_to_DER_cert(crt_pem.decode("ascii"))
         (logger.warn if warn else logger.info)(message)
-        return ServerTLS(1, cert, key, der, logger=logger)
+        return ServerTLS(1, crt_pem, key_pem, der, logger=logger)
 
     if code == 1:
         return ram("TLS code-1: RAM cert with TLS 1.3")
@@ -375,6 +413,8 @@ def server_tls(
 
 
 def _trust_root() -> Any:
+    from twisted.internet import ssl as tssl
+
     bundle = os.environ.get("SSL_CERT_FILE", "")
     if bundle:
         with open(bundle, "rb") as f:
@@ -394,6 +434,8 @@ class _NoVerifyClient:
     """TLS 1.3 client without certificate verification and without SNI."""
 
     def __init__(self, alpn: tuple[bytes, ...] = ()) -> None:
+        from OpenSSL import SSL
+
         self._ctx = SSL.Context(SSL.TLS_METHOD)
         self._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         self._ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
@@ -402,6 +444,8 @@ class _NoVerifyClient:
             self._ctx.set_alpn_protos(list(alpn))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        from OpenSSL import SSL
+
         conn = SSL.Connection(self._ctx, None)
         conn.set_connect_state()
         return conn
@@ -420,6 +464,7 @@ class _VerifyingClient:
 
     def __init__(self, server_name: str, trust_root: Any, alpn: tuple[bytes, ...] = ()) -> None:
         from service_identity.hazmat import DNS_ID, IPAddress_ID
+        from twisted.internet import ssl as tssl
         from twisted.internet.abstract import isIPAddress, isIPv6Address
 
         options = tssl.CertificateOptions(trustRoot=trust_root, raiseMinimumTo=tssl.TLSVersion.TLSv1_3,
@@ -444,6 +489,8 @@ class _VerifyingClient:
         return True
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        from OpenSSL import SSL
+
         conn = SSL.Connection(self._ctx, None)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)

@@ -220,6 +220,68 @@ class TunnelChurnTests(LeakTestCase):
         yield self.settle("tunnel: client after 5 server restarts", fd_base, timer_base, growth)
 
 
+class CycleTests(LeakTestCase):
+    """A tunnelled connection leaves nothing for the cycle collector: each one
+    is freed as soon as it ends.  Garbage in reference cycles would make the
+    collector run (and walk every live object) again and again under load."""
+
+    @inlineCallbacks
+    def carry(self, tls: int) -> Any:
+        echo_port = echo_server(self)
+        tunnel_port, local_port = free_ports(2)
+        server = make_tunnel_service(
+            parse_tunnel_url(f"server://cycle@127.0.0.1:{tunnel_port}/127.0.0.1:{local_port}?tls={tls}&log=warn"),
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
+        )
+        client = make_tunnel_service(
+            parse_tunnel_url(f"client://cycle@127.0.0.1:{tunnel_port}/127.0.0.1:{echo_port}?min=8&log=warn"),
+            reactor=reactor, logger=quiet_logger("warn"), settings=SETTINGS,
+        )
+        for svc in (server, client):
+            svc.startService()
+            self.addCleanup(lambda s=svc: s.stopService() if s.running else None)
+        got = yield echo_roundtrip(local_port, b"warm-up", timeout=30)
+        self.assertEqual(got, b"warm-up")
+        for _ in range(3):
+            yield echo_roundtrip(local_port, b"warm-up")
+        yield wait_for(lambda: client.stats.tcps == 0 and server.stats.tcps == 0)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        count = 200
+        for batch in range(count // 20):
+            results = yield DeferredList(
+                [echo_roundtrip(local_port, b"%d-%d " % (batch, i) * 20) for i in range(20)],
+                consumeErrors=True,
+            )
+            self.assertTrue(all(ok for ok, _ in results), [r for ok, r in results if not ok][:1])
+        yield wait_for(lambda: client.stats.tcps == 0 and server.stats.tcps == 0)
+        yield sleep(0.5)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = collections.Counter(
+                f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage
+                if type(o).__module__.startswith("nodepass.")
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        line = (f"tls={tls}: {count} tunnelled connections left {sum(ours.values())} nodepass objects"
+                f" in reference cycles {dict(ours.most_common(5))}")
+        MEASUREMENTS.append(line)
+        print("\n  " + line)
+        # Each connection used to leave about 20 (the test's own clients leave
+        # theirs, which are not counted).
+        self.assertLess(sum(ours.values()), count // 10, line)
+
+    def test_plain(self) -> Any:
+        return self.carry(0)
+
+    def test_tls(self) -> Any:
+        return self.carry(1)
+
+
 class FailureChurnTests(LeakTestCase):
     @inlineCallbacks
     def test_client_retrying_a_dead_server(self) -> Any:

@@ -104,6 +104,8 @@ class DNSCache:
         self._entries: dict[str, _Entry] = {}
         self._last_good: dict[str, str] = {}
         self._pending: dict[str, list[Deferred[str]]] = {}
+        #: host -> the IP when it is a literal (or the local system), "" when it is a name.
+        self._literals: dict[str, str] = {}
 
     def cached(self, host: str) -> str | None:
         """The unexpired cached IP of *host*, or ``None``."""
@@ -119,14 +121,27 @@ class DNSCache:
         """Drop every cached answer (the tunnel restarts); fallbacks are kept."""
         self._entries.clear()
 
+    def known(self, host: str) -> str | None:
+        """The IP for *host* without a lookup: the local system for an empty
+        host, the literal itself, or an unexpired cached answer; else None."""
+        literal = self._literals.get(host)
+        if literal is None:
+            bare = host.strip("[]")
+            if bare == "":
+                literal = LOCAL_HOST
+            elif is_ip_literal(bare):
+                literal = bare
+            else:
+                literal = ""
+            if len(self._literals) < 1024:
+                self._literals[host] = literal
+        if literal:
+            return literal
+        return self.cached(host)
+
     def resolve_host(self, host: str) -> Deferred[str]:
         """Deferred IP for *host*; fails with ``DNSLookupError`` only if it never resolved."""
-        bare = host.strip("[]")
-        if bare == "":
-            return succeed(LOCAL_HOST)
-        if is_ip_literal(bare):
-            return succeed(bare)
-        hit = self.cached(host)
+        hit = self.known(host)
         if hit is not None:
             return succeed(hit)
         waiter: Deferred[str] = Deferred()

@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectBindError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -47,6 +46,7 @@ from twisted.python.failure import Failure
 from nodepass.datapath.dial import SourceAddress
 from nodepass.datapath.resolve import DNSCache
 from nodepass.log import NodePassLogger
+from nodepass.relay.connect import dial, lean_reactor
 
 __all__ = [
     "LBS_LATENCY",
@@ -210,22 +210,35 @@ class TargetDialer:
         self.tcp_timeout = tcp_timeout
         self.probe_timeout = probe_timeout
         self._logger = logger
+        #: Target dials connect at once (not with a TCP client endpoint).
+        self._lean = lean_reactor(reactor)
 
     # -- one connection ------------------------------------------------------
-    def _endpoint(
-        self, ip: str, port: int, timeout: float, bind: tuple[str, int] | None
-    ) -> TCP4ClientEndpoint | TCP6ClientEndpoint:
+    def _endpoint(self, ip: str, port: int, timeout: float, bind: tuple[str, int] | None) -> Any:
+        # Only for reactors that relay.connect cannot drive (test reactors):
+        # the endpoints module loads the TLS libraries.
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
         if ":" in ip:
             return TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
                 self._reactor, ip, port, timeout=timeout, bindAddress=bind
             )
         return TCP4ClientEndpoint(self._reactor, ip, port, timeout=timeout, bindAddress=bind)
 
+    def _connect_once(
+        self, ip: str, port: int, factory: IProtocolFactory, bind: tuple[str, int] | None,
+        timeout: float | None = None,
+    ) -> Deferred[IProtocol]:
+        timeout = self.tcp_timeout if timeout is None else timeout
+        if self._lean:
+            return dial(self._reactor, ip, port, factory, timeout=timeout, bind=bind)
+        return self._endpoint(ip, port, timeout, bind).connect(factory)  # type: ignore[no-any-return]
+
     def _connect_address(
         self, ip: str, port: int, factory: IProtocolFactory
     ) -> Deferred[IProtocol]:
         bind = self.source.tcp_bind()
-        d: Deferred[IProtocol] = self._endpoint(ip, port, self.tcp_timeout, bind).connect(factory)
+        d: Deferred[IProtocol] = self._connect_once(ip, port, factory, bind)
         if bind is None:
             return d
 
@@ -234,7 +247,7 @@ class TargetDialer:
                 return failure
             # The source address is unusable: switch to auto for good (logged once).
             self.source.fall_back(f"bind {bind[0]}: {failure.getErrorMessage()}")
-            return self._endpoint(ip, port, self.tcp_timeout, None).connect(factory)
+            return self._connect_once(ip, port, factory, None)
 
         d.addErrback(retry_unbound)
         return d
@@ -248,53 +261,7 @@ class TargetDialer:
         Cancelling the Deferred abandons the attempt in progress and tries no
         further target.
         """
-        order = self.selector.order()
-        current: list[Deferred[IProtocol]] = []
-        cancelled: list[bool] = []
-
-        def cancel(_d: Deferred[IProtocol]) -> None:
-            cancelled.append(True)
-            if current:
-                current[0].cancel()
-
-        result: Deferred[IProtocol] = Deferred(canceller=cancel)
-        last: list[str] = ["no target tried"]
-
-        def attempt(pos: int) -> None:
-            if pos >= len(order):
-                result.errback(AllTargetsFailed(len(order), last[0]))
-                return
-            idx = order[pos]
-            host, port = self.targets[idx]
-
-            def dial(addr: tuple[str, int]) -> Deferred[IProtocol]:
-                return self._connect_address(addr[0], addr[1], factory)
-
-            d: Deferred[IProtocol] = self.cache.resolve(host, port).addCallback(dial)
-            current[:] = [d]
-
-            def ok(proto: IProtocol) -> None:
-                if cancelled or result.called:  # cancelled: do not leak the connection
-                    transport = getattr(proto, "transport", None)
-                    if transport is not None:
-                        transport.loseConnection()
-                    return
-                self.selector.succeeded(idx)
-                result.callback(proto)
-
-            def bad(failure: Failure) -> None:
-                if cancelled or result.called:
-                    return
-                self.selector.failed(idx)
-                last[0] = f"{host}:{port}: {failure.getErrorMessage()}"
-                if self._logger is not None and pos + 1 < len(order):
-                    self._logger.debug("Target dial failed, trying next: %s", last[0])
-                attempt(pos + 1)
-
-            d.addCallbacks(ok, bad)
-
-        attempt(0)
-        return result
+        return _Failover(self, factory).start()
 
     def udp_target(self) -> Deferred[tuple[str, int]]:
         """The resolved ``(ip, port)`` for a new UDP session, in ``lbs`` order.
@@ -331,7 +298,7 @@ class TargetDialer:
         def connect(addr: tuple[str, int]) -> Deferred[IProtocol]:
             factory = Factory.forProtocol(_Closer)
             factory.noisy = False
-            return self._endpoint(addr[0], addr[1], self.probe_timeout, None).connect(factory)
+            return self._connect_once(addr[0], addr[1], factory, None, self.probe_timeout)
 
         d.addCallback(connect)
 
@@ -359,3 +326,72 @@ class TargetDialer:
 
         return dl.addCallback(done)
 
+
+class _Failover:
+    """One :meth:`TargetDialer.connect_tcp`: the targets in order until one connects.
+
+    A small object rather than nested closures, so that nothing of a dial
+    outlives it in a reference cycle."""
+
+    __slots__ = ("dialer", "factory", "order", "current", "cancelled", "result", "last")
+
+    def __init__(self, dialer: TargetDialer, factory: IProtocolFactory) -> None:
+        self.dialer = dialer
+        self.factory = factory
+        self.order = dialer.selector.order()
+        self.current: Deferred[IProtocol] | None = None
+        self.cancelled = False
+        self.result: Deferred[IProtocol] = Deferred(canceller=self._cancel)
+        self.last = "no target tried"
+
+    def start(self) -> Deferred[IProtocol]:
+        result = self.result
+        self._attempt(0)
+        return result
+
+    def _cancel(self, _d: Deferred[IProtocol]) -> None:
+        self.cancelled = True
+        if self.current is not None:
+            self.current.cancel()
+
+    def _attempt(self, pos: int) -> None:
+        order = self.order
+        if pos >= len(order):
+            self.result.errback(AllTargetsFailed(len(order), self.last))
+            return
+        dialer = self.dialer
+        idx = order[pos]
+        host, port = dialer.targets[idx]
+        known = dialer.cache.known(host)
+        d: Deferred[IProtocol]
+        if known is not None:
+            # An IP literal or a cached answer: no resolver round.
+            d = dialer._connect_address(known, port, self.factory)
+        else:
+            d = dialer.cache.resolve(host, port).addCallback(
+                lambda addr: dialer._connect_address(addr[0], addr[1], self.factory)
+            )
+        self.current = d
+        d.addCallbacks(self._ok, self._bad, callbackArgs=(idx,), errbackArgs=(pos, idx))
+
+    def _ok(self, proto: IProtocol, idx: int) -> None:
+        self.current = None
+        if self.cancelled or self.result.called:  # cancelled: do not leak the connection
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+            return
+        self.dialer.selector.succeeded(idx)
+        self.result.callback(proto)
+
+    def _bad(self, failure: Failure, pos: int, idx: int) -> None:
+        self.current = None
+        if self.cancelled or self.result.called:
+            return
+        dialer = self.dialer
+        dialer.selector.failed(idx)
+        host, port = dialer.targets[idx]
+        self.last = f"{host}:{port}: {failure.getErrorMessage()}"
+        if dialer._logger is not None and pos + 1 < len(self.order):
+            dialer._logger.debug("Target dial failed, trying next: %s", self.last)
+        self._attempt(pos + 1)

@@ -16,12 +16,17 @@ each member is used once and then closed.
 :class:`IdlePool` keeps idle members in FIFO order (``active`` = how many)
 and offers:
 
+* :meth:`IdlePool.take_idle` / :meth:`IdlePool.take`: the same two look-ups
+  without waiting (None when there is nothing), which is what a new
+  connection normally needs;
 * :meth:`IdlePool.incoming_get` (ingress side): the oldest idle member,
   waiting up to a timeout ("insufficient pool connections");
 * :meth:`IdlePool.outgoing_get` (egress side): the member with a given ID,
   waiting up to a timeout for it to arrive ("pool connection not found"); an
   idle member the peer closed stays findable by ID for a few seconds, because
   the peer's close can overtake the signal that names it;
+* :meth:`IdlePool.when_idle`: fires once a member is idle (the control
+  channel is taken then);
 * :meth:`IdlePool.flush`, :meth:`IdlePool.close`, and an error counter.
 
 A member that closes while idle leaves the pool at once.
@@ -41,8 +46,13 @@ a member leaves the idle set (taken for use, or closed by the peer) it opens
 new ones at once until idle plus opening members reach the capacity again,
 with at most :data:`REFILL_DIALS` openings under way.  The wire is the same
 as with rounds alone; a burst of new connections no longer waits for the
-next round.  An ID must arrive within 60 s.  Subclasses say how one member
-is opened (:meth:`ClientPoolBase._open_member`).
+next round.  An ID must arrive within 60 s (kept on the clock's
+:class:`~nodepass.wheel.TimerWheel`, not one delayed call per member).
+Subclasses say how one member is opened (:meth:`ClientPoolBase._open_member`).
+
+Every member gets ``TCP_NODELAY`` (and keep-alive) as soon as it is
+connected, on both ends, as NodePass's do: the 4-byte ID and the control
+signals are small writes that must not wait for the peer's delayed ACK.
 """
 
 from __future__ import annotations
@@ -58,10 +68,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from nodepass.log import NodePassLogger
+from nodepass.log import Level, NodePassLogger
 from nodepass.net import addr_text
 from nodepass.pool.interface import IClientPool, IServerPool
-from nodepass.relay import RelayProtocol, set_keepalive
+from nodepass.relay import RelayProtocol, is_plain_tcp, set_keepalive, set_nodelay, write_at_once
+from nodepass.wheel import wheel_for
 
 __all__ = [
     "CONTROL_ID",
@@ -112,7 +123,7 @@ class PoolConnection(RelayProtocol):
         self.in_use = False
         self._id_buf = b""
         self._id_timer: Any = None
-        self._peer_fp = ""
+        self._peer_cert: Any = None
 
     # -- opening ----------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -125,16 +136,19 @@ class PoolConnection(RelayProtocol):
                 self.pool._assign(self)
             else:
                 # A TLS handshake that never completes must not hold a socket forever.
-                self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
+                self._id_timer = self.pool.wheel.call_later(ID_READ_TIMEOUT, self._id_timeout)
         else:
             assert isinstance(self.pool, ClientPoolBase)
             self.pool._opened(self)
             set_keepalive(self.transport, self.pool.keepalive)
-            self._id_timer = self.pool.reactor.callLater(ID_READ_TIMEOUT, self._id_timeout)
+            set_nodelay(self.transport)
+            self._id_timer = self.pool.wheel.call_later(ID_READ_TIMEOUT, self._id_timeout)
 
     def handshakeCompleted(self) -> None:
         if not self.is_server:
-            self._peer_fp = self._read_peer_fingerprint()
+            # Kept as it is (DER bytes on the lean TLS layer); the fingerprint
+            # is computed only for the member a ``verify`` names.
+            self._peer_cert = self._read_peer_certificate()
             return
         self._cancel_id_timer()
         if not self.lost and not self.id:
@@ -181,23 +195,19 @@ class PoolConnection(RelayProtocol):
     def peer_fingerprint(self) -> str:
         """Fingerprint of the peer's TLS certificate on this member ("" if none),
         as seen when its handshake completed."""
-        if self._peer_fp:
-            return self._peer_fp
-        return self._read_peer_fingerprint()
-
-    def _read_peer_fingerprint(self) -> str:
         from nodepass.tls import fingerprint_of_x509
 
+        cert = self._peer_cert if self._peer_cert is not None else self._read_peer_certificate()
+        return fingerprint_of_x509(cert) if cert is not None else ""
+
+    def _read_peer_certificate(self) -> Any:
         get = getattr(self.transport, "getPeerCertificate", None)
         if get is None:
-            return ""
+            return None
         try:
-            cert = get()
+            return get()
         except Exception:
-            return ""
-        if cert is None:
-            return ""
-        return fingerprint_of_x509(cert)
+            return None
 
     def peer_text(self, local: bool = False) -> str:
         """``ip:port`` of the peer (or of this end) of the carrying connection."""
@@ -212,6 +222,8 @@ class IdlePool:
 
     def __init__(self, reactor: Any, logger: NodePassLogger, max_cap: int, keepalive: float) -> None:
         self.reactor = reactor
+        #: Coarse timeouts of the members (ID reads, TLS handshakes).
+        self.wheel = wheel_for(reactor)
         self.logger = logger
         self.max_cap = max(1, max_cap)
         self.keepalive = keepalive
@@ -219,10 +231,13 @@ class IdlePool:
         #: Why the most recent attempt to open a member failed ("" if none did).
         self.last_error = ""
         self._idle: OrderedDict[str, PoolConnection] = OrderedDict()
-        self._any_waiters: list[defer.Deferred[tuple[str, PoolConnection]]] = []
+        #: Users waiting for any idle member, oldest first (a dict: a burst
+        #: may queue thousands, each removed in O(1) when it times out).
+        self._any_waiters: dict[defer.Deferred[tuple[str, PoolConnection]], None] = {}
         self._id_waiters: dict[str, list[defer.Deferred[PoolConnection]]] = {}
         self._errors = 0
         self._dead: OrderedDict[str, tuple[float, PoolConnection]] = OrderedDict()
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     # -- counters --------------------------------------------------------------
     @property
@@ -249,6 +264,14 @@ class IdlePool:
     def has(self, conn_id: str) -> bool:
         return conn_id in self._idle
 
+    def when_idle(self) -> defer.Deferred[None]:
+        """A Deferred fired once at least one member is idle (at once if one is)."""
+        if self._idle:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
     # -- internal --------------------------------------------------------------
     def _enqueue(self, conn: PoolConnection) -> None:
         """A member with an ID is ready: hand it to a waiter or keep it idle."""
@@ -265,7 +288,8 @@ class IdlePool:
             return
         if conn.id != CONTROL_ID:
             while self._any_waiters:
-                d2 = self._any_waiters.pop(0)
+                d2 = next(iter(self._any_waiters))
+                del self._any_waiters[d2]
                 if d2.called:
                     continue
                 conn.in_use = True
@@ -275,6 +299,14 @@ class IdlePool:
             conn.abort()
             return
         self._idle[conn.id] = conn
+        if self._idle_waiters:
+            self._wake_idle_waiters()
+
+    def _wake_idle_waiters(self) -> None:
+        woken, self._idle_waiters = self._idle_waiters, []
+        for w in woken:
+            if not w.called:
+                w.callback(None)
 
     def _left_idle(self) -> None:
         """A member left the idle set (taken for use, or closed)."""
@@ -304,6 +336,39 @@ class IdlePool:
         return conn
 
     # -- API -------------------------------------------------------------------
+    def take_idle(self, *, newest: bool = False) -> tuple[str, PoolConnection] | None:
+        """The oldest (``newest``: the most recent) idle member other than the
+        control one, taken now; None when there is none (or the pool is closed)."""
+        if self.closed:
+            return None
+        idle = self._idle
+        if not newest:
+            # The common case: the oldest member is not the control one.
+            first = next(iter(idle), None)
+            if first is not None and first != CONTROL_ID:
+                conn = self._take(first)
+                if conn is not None and not conn.lost:
+                    return first, conn
+        candidates = list(idle)
+        for cid in reversed(candidates) if newest else candidates:
+            if cid == CONTROL_ID:
+                continue
+            conn = self._take(cid)
+            if conn is not None and not conn.lost:
+                return cid, conn
+        return None
+
+    def take(self, conn_id: str) -> PoolConnection | None:
+        """The member named ``conn_id`` taken now (an idle one, or one the peer
+        closed a moment ago); None when it has not arrived."""
+        if self.closed:
+            return None
+        conn = self._take(conn_id)
+        if conn is not None:
+            return conn
+        dead = self._dead.pop(conn_id, None)
+        return dead[1] if dead is not None else None
+
     def incoming_get(
         self, timeout: float, *, newest: bool = False
     ) -> defer.Deferred[tuple[str, PoolConnection]]:
@@ -316,35 +381,31 @@ class IdlePool:
         """
         if self.closed:
             return defer.fail(PoolError("IncomingGet: pool closed"))
-        candidates = list(self._idle)
-        for cid in reversed(candidates) if newest else candidates:
-            if cid == CONTROL_ID:
-                continue
-            conn = self._take(cid)
-            if conn is not None and not conn.lost:
-                return defer.succeed((cid, conn))
-        d: defer.Deferred[tuple[str, PoolConnection]] = defer.Deferred()
-        self._any_waiters.append(d)
+        got = self.take_idle(newest=newest)
+        if got is not None:
+            return defer.succeed(got)
+        # Cancelled (the user left): it leaves the queue at once.
+        d: defer.Deferred[tuple[str, PoolConnection]] = defer.Deferred(self._forget_waiter)
+        self._any_waiters[d] = None
 
         def expire() -> None:
-            if d in self._any_waiters:
-                self._any_waiters.remove(d)
+            if self._any_waiters.pop(d, 0) is None:
                 d.errback(PoolError("IncomingGet: insufficient pool connections"))
 
         call = self.reactor.callLater(timeout, expire)
         d.addBoth(_cancel_call(call))
         return d
 
+    def _forget_waiter(self, d: defer.Deferred[tuple[str, PoolConnection]]) -> None:
+        self._any_waiters.pop(d, None)
+
     def outgoing_get(self, conn_id: str, timeout: float) -> defer.Deferred[PoolConnection]:
         """The member named ``conn_id``, waiting up to ``timeout`` for it to arrive."""
         if self.closed:
             return defer.fail(PoolError("OutgoingGet: pool closed"))
-        conn = self._take(conn_id)
+        conn = self.take(conn_id)
         if conn is not None:
             return defer.succeed(conn)
-        dead = self._dead.pop(conn_id, None)
-        if dead is not None:
-            return defer.succeed(dead[1])
         d: defer.Deferred[PoolConnection] = defer.Deferred()
         self._id_waiters.setdefault(conn_id, []).append(d)
 
@@ -378,8 +439,9 @@ class IdlePool:
             return
         self.closed = True
         self.flush()
-        anyw, self._any_waiters = self._any_waiters, []
-        for d in anyw:
+        self._wake_idle_waiters()
+        anyw, self._any_waiters = self._any_waiters, {}
+        for d in list(anyw):
             if not d.called:
                 d.errback(PoolError("IncomingGet: pool closed"))
         idw, self._id_waiters = self._id_waiters, {}
@@ -387,6 +449,18 @@ class IdlePool:
             for d2 in lst:
                 if not d2.called:
                     d2.errback(PoolError("OutgoingGet: pool closed"))
+
+
+_RANDOM = bytearray()
+
+
+def _random4() -> bytes:
+    """4 bytes from the system's random source, read 4 KiB at a time."""
+    if len(_RANDOM) < 4:
+        _RANDOM[:] = os.urandom(4096)
+    raw = bytes(_RANDOM[-4:])
+    del _RANDOM[-4:]
+    return raw
 
 
 def _cancel_call(call: Any) -> Callable[[Any], Any]:
@@ -453,6 +527,7 @@ class ServerPoolBase(IdlePool):
             self.logger.warn("Tunnel connection refused: %s is not the handshaken client %s", host, self.client_ip)
             return False
         set_keepalive(conn.transport, self.keepalive)
+        set_nodelay(conn.transport)
         self._conns.add(conn)
         return True
 
@@ -462,7 +537,7 @@ class ServerPoolBase(IdlePool):
             self._first = False
             return b"\x00\x00\x00\x00"
         while True:
-            raw = os.urandom(4)
+            raw = _random4()
             cid = raw.hex()
             if cid != CONTROL_ID and cid not in self._idle:
                 return raw
@@ -473,8 +548,14 @@ class ServerPoolBase(IdlePool):
             return
         raw = self.new_id()
         conn.id = raw.hex()
-        conn.transport.write(raw)  # type: ignore[union-attr]
-        self.logger.debug("Tunnel pool: id %s -> %s", conn.id, conn.peer_text())
+        t: Any = conn.transport
+        # Written at once, not on the next reactor pass: the member is
+        # usable only once the peer has its ID.
+        rest = write_at_once(t, raw) if is_plain_tcp(t) else raw
+        if rest is not None:
+            t.write(rest)
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Tunnel pool: id %s -> %s", conn.id, conn.peer_text())
         self._enqueue(conn)
 
     def _early_data(self, conn: PoolConnection) -> None:
@@ -531,8 +612,9 @@ class ClientPoolBase(IdlePool):
         self.interval = min_interval
         self._timer: Any = None
         self._running = False
-        #: Members being opened (dialled, or waiting for their ID) -> their Deferred.
-        self._opening: dict[PoolConnection, defer.Deferred[bool]] = {}
+        #: Members being opened (dialled, or waiting for their ID) -> the Deferred
+        #: of the round that opens them (None for replacements).
+        self._opening: dict[PoolConnection, defer.Deferred[bool] | None] = {}
 
     # -- what a transport provides ---------------------------------------------------
     def _open_member(self, conn: PoolConnection, failed: Callable[[str], None]) -> None:
@@ -579,7 +661,11 @@ class ClientPoolBase(IdlePool):
             self._adjust_capacity(0)
             self._schedule()
             return
-        ds = [self._create() for _ in range(need)]
+        ds: list[defer.Deferred[bool]] = []
+        for _ in range(need):
+            d: defer.Deferred[bool] = defer.Deferred()
+            ds.append(d)
+            self._create(d)
 
         def finished(results: list[tuple[bool, Any]]) -> None:
             if self.closed:
@@ -605,16 +691,15 @@ class ClientPoolBase(IdlePool):
         for _ in range(count):
             self._create()
 
-    def _create(self) -> defer.Deferred[bool]:
-        """Open one member; fires True once it holds an ID, False otherwise."""
-        d: defer.Deferred[bool] = defer.Deferred()
+    def _create(self, done: defer.Deferred[bool] | None = None) -> None:
+        """Open one member; ``done`` (if any) fires True once it holds an ID,
+        False otherwise."""
         conn = PoolConnection(self, False)
-        self._opening[conn] = d
+        self._opening[conn] = done
         try:
             self._open_member(conn, lambda reason: self._open_failed(conn, reason))
         except Exception as exc:
             self._open_failed(conn, str(exc) or type(exc).__name__)
-        return d
 
     @property
     def opening(self) -> int:
@@ -622,9 +707,11 @@ class ClientPoolBase(IdlePool):
         return len(self._opening)
 
     def _open_failed(self, conn: PoolConnection, reason: str) -> None:
-        d = self._opening.pop(conn, None)
+        if conn not in self._opening:
+            return
+        d = self._opening.pop(conn)
+        self.last_error = reason
         if d is not None:
-            self.last_error = reason
             d.callback(False)
 
     # -- members ---------------------------------------------------------------------
@@ -638,7 +725,8 @@ class ClientPoolBase(IdlePool):
         if self.closed:
             conn.abort()
             return
-        self.logger.debug("Tunnel pool: id %s <- %s", conn.id, conn.peer_text(local=True))
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Tunnel pool: id %s <- %s", conn.id, conn.peer_text(local=True))
         self._enqueue(conn)
         if d is not None:
             d.callback(True)
@@ -659,6 +747,6 @@ class ClientPoolBase(IdlePool):
         opening, self._opening = self._opening, {}
         for conn, d in opening.items():
             conn.abort()
-            if not d.called:
+            if d is not None and not d.called:
                 d.callback(False)
         self._close_transport()

@@ -21,6 +21,13 @@ class IPool(Interface):
     closed = Attribute("True once close() was called.")
     last_error = Attribute("Why the most recent attempt to open a member failed, or ''.")
 
+    def take_idle(*, newest: bool = False) -> object:
+        """``(id, member)``: the oldest (or newest) idle member other than the
+        control one, taken at once; None when there is none."""
+
+    def take(conn_id: str) -> object:
+        """The member named ``conn_id`` taken at once, or None when it has not arrived."""
+
     def incoming_get(timeout: float, *, newest: bool = False) -> object:
         """Deferred ``(id, member)``: the oldest (or newest) idle member other than
         the control one, waiting up to ``timeout``; fails with PoolError."""
@@ -30,6 +37,9 @@ class IPool(Interface):
 
     def has(conn_id: str) -> bool:
         """Whether an idle member has this ID."""
+
+    def when_idle() -> object:
+        """A Deferred fired once at least one member is idle."""
 
     def full() -> bool:
         """Whether ``max`` members are idle."""

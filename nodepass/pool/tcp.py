@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from nodepass.log import NodePassLogger
 from nodepass.pool.base import ClientPoolBase, IdlePool, PoolConnection, ServerPoolBase
+from nodepass.relay.connect import connect_tcp
 from nodepass.relay.tls import TLSFactory
 
 __all__ = ["TcpServerPool", "TcpClientPool", "Dialer", "DialFactory"]
@@ -91,7 +92,7 @@ class Dialer:
         if self.connect is not None:
             self.connect(wrapped)
             return
-        self.reactor.connectTCP(self.host, self.port, wrapped, timeout=self.timeout)
+        connect_tcp(self.reactor, self.host, self.port, wrapped, timeout=self.timeout)
 
     def stop(self) -> None:
         """Stop every dial that has not connected yet."""
@@ -141,19 +142,31 @@ class DialFactory(ClientFactory):
     def __init__(
         self, conn: Protocol, failed: Callable[[Failure], None], done: Callable[[], None] | None = None
     ) -> None:
-        self.conn = conn
+        self.conn: Protocol | None = conn
         self.failed = failed
         self.done = done
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        if self.done is not None:
-            self.done()
-        return self.conn
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        done = self.done
+        # Handed over once and not kept, nor the callbacks that refer to it: a
+        # TLS layer keeps this factory, and the protocol would otherwise be
+        # freed only by the cycle collector.
+        conn, self.conn = self.conn, None
+        self.failed, self.done = _ignore, None
+        if done is not None:
+            done()
+        return conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if self.done is not None:
-            self.done()
-        self.failed(reason)
+        done, failed = self.done, self.failed
+        self.conn, self.failed, self.done = None, _ignore, None
+        if done is not None:
+            done()
+        failed(reason)
+
+
+def _ignore(_reason: Failure) -> None:
+    pass
 
 
 class TcpClientPool(ClientPoolBase):

@@ -19,12 +19,14 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 __all__ = ["RelayProtocol", "DEFAULT_BUFFER_LIMIT", "reason_text"]
 
 DEFAULT_BUFFER_LIMIT = 256 * 1024
+_log = Logger()
 
 
 def reason_text(reason: Failure | None) -> str:
@@ -69,6 +71,10 @@ class RelayProtocol(Protocol):
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
 
     def __init__(self) -> None:
+        # Every attribute set later by Twisted is set here first, so that the
+        # instance keeps a compact (key-sharing) attribute dictionary.
+        self.connected = 0
+        self.factory: Any = None
         self.transport: ITransport | None = None
         self.lost: bool = False
         self.lost_reason: str = ""
@@ -76,12 +82,29 @@ class RelayProtocol(Protocol):
         self._buf_len = 0
         self._sink: Callable[[bytes], None] | None = None
         self._on_eof: Callable[[], None] | None = None
-        self._lost_waiters: list[defer.Deferred[str]] = []
+        self._lost_calls: list[Callable[[str], object]] = []
         self._peekers: list[tuple[int, defer.Deferred[bytes], Any]] = []
         self._pause_reasons: set[str] = set()
         self._read_eof = False
-        self.consumer_gate = _Gate(self, "consumer")
-        self.throttle_gate = _Gate(self, "throttle")
+        self._consumer_gate: _Gate | None = None
+        self._throttle_gate: _Gate | None = None
+
+    # -- gates (made when first needed: a gate and its owner form a cycle) --
+    @property
+    def consumer_gate(self) -> _Gate:
+        """The producer the peer's transport pauses when its buffer is full."""
+        gate = self._consumer_gate
+        if gate is None:
+            gate = self._consumer_gate = _Gate(self, "consumer")
+        return gate
+
+    @property
+    def throttle_gate(self) -> _Gate:
+        """The producer the rate limiter pauses."""
+        gate = self._throttle_gate
+        if gate is None:
+            gate = self._throttle_gate = _Gate(self, "throttle")
+        return gate
 
     # -- reading control -------------------------------------------------
     def _pause(self, reason: str) -> None:
@@ -132,9 +155,18 @@ class RelayProtocol(Protocol):
                 call.cancel()
             d.callback(b"".join(self._buf))
         self._peekers = []
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for w in waiters:
-            w.callback(self.lost_reason)
+        calls, self._lost_calls = self._lost_calls, []
+        for call in calls:
+            try:
+                call(self.lost_reason)
+            except Exception:
+                _log.failure("connection-lost callback failed")
+        # Nothing pauses or feeds a closed connection: drop the gates and the
+        # sink (which refer back to this connection or its peer), so that it
+        # is freed at once rather than by the cycle collector.
+        self._consumer_gate = self._throttle_gate = None
+        self._sink = None
+        self._on_eof = None
 
     # -- API -----------------------------------------------------------------
     def when_lost(self) -> defer.Deferred[str]:
@@ -142,8 +174,17 @@ class RelayProtocol(Protocol):
         if self.lost:
             return defer.succeed(self.lost_reason)
         d: defer.Deferred[str] = defer.Deferred()
-        self._lost_waiters.append(d)
+        self._lost_calls.append(d.callback)
         return d
+
+    def on_lost(self, call: Callable[[str], object]) -> None:
+        """Call ``call(reason text)`` when this connection ends (at once if it
+        has); the callbacks run in the order they were added.  Cheaper than
+        :meth:`when_lost` on the per-connection path."""
+        if self.lost:
+            call(self.lost_reason)
+        else:
+            self._lost_calls.append(call)
 
     def buffered(self) -> bytes:
         """Bytes received but not yet delivered to a sink (not consumed)."""

@@ -181,8 +181,8 @@ def join(
         a._on_eof = make_eof(a, b)
         b._on_eof = make_eof(b, a)
 
-    a.when_lost().addCallback(on_lost(a, b))
-    b.when_lost().addCallback(on_lost(b, a))
+    a.on_lost(on_lost(a, b))
+    b.on_lost(on_lost(b, a))
     if not a.lost:
         a.set_sink(make_sink(a, b))
     if not b.lost:

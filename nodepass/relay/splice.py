@@ -34,7 +34,6 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, main
@@ -109,11 +108,13 @@ class _Direction:
     """Bytes flowing from ``src`` to ``dst``."""
 
     __slots__ = (
-        "src", "dst", "src_t", "dst_t", "src_fd", "dst_fd", "pipe", "queued", "prefix",
+        "exchange", "src", "dst", "src_t", "dst_t", "src_fd", "dst_fd", "pipe", "queued", "prefix",
         "eof", "done", "count_rx", "count_tx", "bucket", "charge", "last_read",
     )
 
-    def __init__(self, src: RelayProtocol, dst: RelayProtocol) -> None:
+    def __init__(self, exchange: _SpliceExchange, src: RelayProtocol, dst: RelayProtocol) -> None:
+        #: Cleared when the exchange finishes (the exchange refers to this direction).
+        self.exchange: _SpliceExchange | None = exchange
         self.src = src
         self.dst = dst
         src_t: Any = src.transport
@@ -132,6 +133,29 @@ class _Direction:
         self.bucket: Any = None
         self.charge: tuple[str, Any] | None = None
         self.last_read = time.monotonic()
+
+    # The source's doRead, the destination's doWrite and the source's
+    # end-of-file callback while the exchange runs (bound methods: smaller
+    # than a closure each).
+    def do_read(self) -> Any:
+        exchange = self.exchange
+        if exchange is None:
+            self.src_t.stopReading()
+            return None
+        return exchange._read(self)
+
+    def do_write(self) -> Any:
+        exchange = self.exchange
+        if exchange is None:
+            self.dst_t.stopWriting()
+            return None
+        return exchange._write(self)
+
+    def on_eof(self) -> None:
+        exchange = self.exchange
+        self.src_t.stopReading()
+        if exchange is not None:
+            exchange._eof(self)
 
 
 class _SpliceExchange:
@@ -159,8 +183,8 @@ class _SpliceExchange:
         self.finished = False
         self.closing = False
         self.timer: Any = None
-        self.ab = _Direction(a, b)
-        self.ba = _Direction(b, a)
+        self.ab = _Direction(self, a, b)
+        self.ba = _Direction(self, b, a)
         for d in (self.ab, self.ba):
             d.count_rx = stats is not None and d.src is counted
             d.count_tx = stats is not None and d.dst is counted
@@ -194,22 +218,26 @@ class _SpliceExchange:
                 d.prefix = _take_pending_writes(d.dst_t) + d.prefix
         for side, d_in, d_out in ((a, self.ab, self.ba), (b, self.ba, self.ab)):
             transport: Any = side.transport
-            read = self._reader(d_in)
-            write = self._writer(d_out)
+            read = d_in.do_read
+            write = d_out.do_write
             transport.doRead = read
             transport.doWrite = write
             self._taken.append((transport, read, write))
-            side._on_eof = self._eof_callback(d_in)
+            side._on_eof = d_in.on_eof
             side._resume("buffer")
-        a.when_lost().addCallback(self._lost, a)
-        b.when_lost().addCallback(self._lost, b)
+        a.on_lost(lambda reason: self._lost(reason, a))
+        b.on_lost(lambda reason: self._lost(reason, b))
         for d in (self.ab, self.ba):
+            if self.finished:
+                break
             if d.prefix:
-                d.src_t.stopReading()
-                d.dst_t.startWriting()
+                # Sent now: the destination is usually writable already, and
+                # waiting for the next reactor pass would cost a poll round
+                # (what it does not take is sent once it is writable).
+                self._flush(d)
             elif not d.src._pause_reasons:
                 d.src_t.startReading()
-        if self.read_timeout > 0:
+        if self.read_timeout > 0 and not self.finished:
             self.timer = self.reactor.callLater(self.read_timeout, self._check_idle)
         return self.done
 
@@ -225,12 +253,6 @@ class _SpliceExchange:
             stats.tcptx += n  # type: ignore[union-attr]
 
     # -- reading ---------------------------------------------------------------------------
-    def _reader(self, d: _Direction) -> Callable[[], Any]:
-        def do_read() -> Any:
-            return self._read(d)
-
-        return do_read
-
     def _read(self, d: _Direction) -> Any:
         if d.eof or self.closing or self.finished:
             d.src_t.stopReading()
@@ -284,17 +306,14 @@ class _SpliceExchange:
             d.pipe = None
 
     # -- writing ---------------------------------------------------------------------------
-    def _writer(self, d: _Direction) -> Callable[[], Any]:
-        def do_write() -> Any:
-            t = d.dst_t
-            if t.disconnecting and not self.finished:
-                # Someone closed this side from outside the exchange.
-                self._give_back(t)
-                return t.doWrite()
-            self._flush(d)
-            return None
-
-        return do_write
+    def _write(self, d: _Direction) -> Any:
+        t = d.dst_t
+        if t.disconnecting and not self.finished:
+            # Someone closed this side from outside the exchange.
+            self._give_back(t)
+            return t.doWrite()
+        self._flush(d)
+        return None
 
     def _flush(self, d: _Direction) -> BaseException | None:
         """Move waiting bytes into the destination; on a full socket, wait for writability.
@@ -353,13 +372,6 @@ class _SpliceExchange:
         self._finish()
 
     # -- ends ------------------------------------------------------------------------------
-    def _eof_callback(self, d: _Direction) -> Callable[[], None]:
-        def eof() -> None:
-            d.src_t.stopReading()
-            self._eof(d)
-
-        return eof
-
     def _eof(self, d: _Direction) -> None:
         if d.eof:
             return
@@ -424,6 +436,7 @@ class _SpliceExchange:
             self.timer.cancel()
         self.timer = None
         for d in (self.ab, self.ba):
+            d.exchange = None
             if d.pipe is not None:
                 _give_pipe(d.pipe, not d.queued)
                 d.pipe = None
@@ -436,12 +449,15 @@ class _SpliceExchange:
             self._give_back(t)
             if side.lost:
                 continue
-            t.stopReading()
-            t.stopWriting()
             # Nothing is queued in the transport (the exchange wrote to the
             # socket itself): close now, orderly, rather than on a write
-            # event that a socket shut down both ways reports as a hang-up.
+            # event that a socket shut down both ways reports as a hang-up
+            # (close() stops reading and writing first).
             t._writeDisconnected = True
+            # close() alone sends the FIN (or the RST when unread bytes
+            # remain, as after a shutdown); the shutdown call Twisted makes
+            # first would only cost a system call.
+            t._shouldShutdown = False
             side.close()
 
     def _lost(self, reason: str, side: RelayProtocol) -> None:

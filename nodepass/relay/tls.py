@@ -61,6 +61,10 @@ READ_BUFFER = 256 * 1024
 _SHARED = memoryview(bytearray(READ_BUFFER))
 
 
+#: What a closed TLSProtocol wraps from then on (it delivers nothing more).
+_GONE = Protocol()
+
+
 def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
 
@@ -107,6 +111,9 @@ class TLSProtocol(Protocol):
         self.disconnected = True
         self._in.write_eof()
         wrapped = self.wrapped
+        # The wrapped protocol and this transport refer to each other: let go
+        # of it, so both are freed at once rather than by the cycle collector.
+        self.wrapped = _GONE
         wrapped.connectionLost(self._reason or reason)
 
     # -- TLS ---------------------------------------------------------------------------

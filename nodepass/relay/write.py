@@ -18,19 +18,28 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
+
+from nodepass.relay.connect import LeanClient
 
 __all__ = ["direct_writer", "write_at_once", "is_plain_tcp", "set_nodelay", "set_keepalive"]
 
+#: Twisted's TCP transports, and the one of :mod:`nodepass.relay.connect`.
+_PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client, LeanClient)
+
 
 def set_nodelay(transport: Any) -> None:
-    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort."""
+    """Set TCP_NODELAY on a transport (also through a TLS wrapper); best effort.
+
+    Done once per transport: a pool member already has it when it is joined."""
     seen = 0
     while transport is not None and seen < 4:
         fn = getattr(transport, "setTcpNoDelay", None)
         if fn is not None:
+            if getattr(transport, "_np_nodelay", False):
+                return
             try:
                 fn(True)
+                transport._np_nodelay = True
             except Exception:
                 pass
             return
@@ -55,7 +64,12 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
     transport (test transports) gets its own ``write``.
     """
     batcher = getattr(transport, "_aggregator", None)
-    if isinstance(transport, TLSMemoryBIOProtocol) and isinstance(batcher, _AggregateSmallWrites):
+    if batcher is not None and type(transport).__module__ == "twisted.protocols.tls":
+        # Only then is Twisted's TLS module (and pyOpenSSL) loaded for sure.
+        from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
+
+        if not isinstance(transport, TLSMemoryBIOProtocol) or not isinstance(batcher, _AggregateSmallWrites):
+            return transport.write  # type: ignore[no-any-return]
         tls_t: Any = transport
         tls_write: Any = TLSMemoryBIOProtocol.write
         agg: Any = batcher
@@ -80,7 +94,7 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
 
 def is_plain_tcp(transport: Any) -> bool:
     """True for a Twisted TCP transport with no TLS started on it."""
-    return type(transport) in (tcp.Server, tcp.Client) and not getattr(transport, "TLS", False)
+    return type(transport) in _PLAIN_TCP and not getattr(transport, "TLS", False)
 
 
 def write_at_once(t: Any, data: bytes) -> bytes | None:

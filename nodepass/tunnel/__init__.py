@@ -199,6 +199,7 @@ class ClientService(TunnelService):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.single: Any | None = None
+        self._started_once = False
 
     def startService(self) -> None:
         if self.run_mode in (0, 1):
@@ -228,7 +229,11 @@ class ClientService(TunnelService):
     def _new_session(self) -> Any:
         from nodepass.tunnel.client import ClientSession
 
-        return ClientSession(**self._session_kwargs())
+        # Only the first session may find the server not yet listening
+        # because both ends were just started.
+        first = not self._started_once
+        self._started_once = True
+        return ClientSession(quick_start=first, **self._session_kwargs())
 
     def stopService(self) -> defer.Deferred[None]:
         if self.single is not None:

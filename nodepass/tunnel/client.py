@@ -2,7 +2,10 @@
 
 Start sequence (one session): send the HTTP handshake to the tunnel address
 (``handshake_timeout`` for the whole exchange; https only when the tunnel
-port is ``443``), adopt ``flow``/``max``/``tls``/``type`` from the answer,
+port is ``443``; in the first session of the process a refused connection is
+tried again every 50 ms for up to ``service_cooldown`` seconds, since both
+ends are often started together and the server may not listen yet - the
+session then fails as before), adopt ``flow``/``max``/``tls``/``type`` from the answer,
 start the client pool (``min`` from the URL, ``max`` from the server, TLS as
 the server said), take connection ``00000000`` as the control channel, and
 with flow ``+`` listen on the first target address as the ingress side.
@@ -15,10 +18,13 @@ from typing import Any
 from twisted.internet import defer
 
 from nodepass.pool import UnknownPoolType, client_pool
-from nodepass.tunnel.handshake import HandshakeError, TunnelConfig, client_handshake
+from nodepass.tunnel.handshake import HandshakeError, HandshakeRefused, TunnelConfig, client_handshake
 from nodepass.tunnel.server import DualEndSession, SessionError, _listen_err
 
-__all__ = ["ClientSession"]
+__all__ = ["ClientSession", "QUICK_RETRY"]
+
+#: Pause between the quick handshake attempts at start.
+QUICK_RETRY = 0.05
 
 
 class ClientSession(DualEndSession):
@@ -27,8 +33,9 @@ class ClientSession(DualEndSession):
     role = "client"
     step_prefix = "commonStart: "
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, quick_start: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.quick_start = quick_start
         self.tunnel_config: TunnelConfig | None = None
         self._handshake: defer.Deferred[TunnelConfig] | None = None
 
@@ -49,19 +56,32 @@ class ClientSession(DualEndSession):
             from twisted.internet import ssl
 
             tls_creator = ssl.optionsForClientTLS(cfg.tunnel.host)
-        try:
-            self._handshake = client_handshake(
-                self.reactor,
-                host=cfg.tunnel.host or "127.0.0.1",
-                port=cfg.tunnel.port,
-                key=self.key,
-                server_name=cfg.server_name,
-                timeout=self.settings.handshake_timeout,
-                tls_creator=tls_creator,
-            )
-            tc = yield self._handshake
-        except HandshakeError as exc:
-            raise SessionError(f"commonStart: tunnelHandshake failed: {exc}") from None
+        # At start the server may simply not listen yet (both ends started
+        # together): a refused connection is tried again at short intervals
+        # for up to one cooldown, instead of failing the session and waiting
+        # the cooldown before the next attempt.  Anything else fails at once.
+        retry_until = self.reactor.seconds() + self.settings.service_cooldown if self.quick_start else 0.0
+        delay = QUICK_RETRY
+        while True:
+            try:
+                self._handshake = client_handshake(
+                    self.reactor,
+                    host=cfg.tunnel.host or "127.0.0.1",
+                    port=cfg.tunnel.port,
+                    key=self.key,
+                    server_name=cfg.server_name,
+                    timeout=self.settings.handshake_timeout,
+                    tls_creator=tls_creator,
+                )
+                tc = yield self._handshake
+                break
+            except HandshakeRefused as exc:
+                if self.stopped or self.reactor.seconds() + delay > retry_until:
+                    raise SessionError(f"commonStart: tunnelHandshake failed: {exc}") from None
+                self.logger.debug("Tunnel handshake refused, trying again in %dms", int(delay * 1000))
+                yield self._sleep(delay)
+            except HandshakeError as exc:
+                raise SessionError(f"commonStart: tunnelHandshake failed: {exc}") from None
         if self.stopped:
             return
         self.tunnel_config = tc

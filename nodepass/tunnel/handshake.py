@@ -34,6 +34,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionRefusedError as RefusedError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -47,6 +48,7 @@ __all__ = [
     "verify_token",
     "TunnelConfig",
     "HandshakeError",
+    "HandshakeRefused",
     "HandshakeServerProtocol",
     "build_request",
     "parse_response",
@@ -82,6 +84,10 @@ def verify_token(key: str, token: str) -> bool:
 
 class HandshakeError(Exception):
     """The handshake failed; the message says why."""
+
+
+class HandshakeRefused(HandshakeError):
+    """Nothing accepted the handshake connection (the server is not listening yet)."""
 
 
 @dataclass(frozen=True)
@@ -423,7 +429,9 @@ def client_handshake(
 
         def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
             if not raw.called:
-                raw.errback(HandshakeError(f"tunnelHandshake: dial tcp {host}:{port}: {reason.getErrorMessage()}"))
+                refused = reason.check(RefusedError) is not None  # type: ignore[no-untyped-call]
+                error = HandshakeRefused if refused else HandshakeError
+                raw.errback(error(f"tunnelHandshake: dial tcp {host}:{port}: {reason.getErrorMessage()}"))
 
     factory: Any = F()
     if tls_creator is not None:

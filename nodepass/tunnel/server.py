@@ -18,6 +18,9 @@ channel are up:
   policy, send the PROXY header if configured, and relay; ``udp`` goes to
   :class:`nodepass.tunnel.udp.UdpEgress`.
 
+One TCP exchange of either side, once admitted, is run by
+:mod:`nodepass.tunnel.exchange`.
+
 :class:`ServerSession` adds the server start sequence: listen on the tunnel
 address, choose the mode (reverse binds the target; forward otherwise), serve
 the HTTP handshake, then treat every new connection on the tunnel port as a
@@ -37,12 +40,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from nodepass.env import Settings
-from nodepass.log import NodePassLogger
+from nodepass.log import Level, NodePassLogger
 from nodepass.net import addr_text as _addr_text
 from nodepass.net import listen_tcp
 from nodepass.pool import CONTROL_ID, PoolError, pool_type_name, probe_server_port, server_pool
-from nodepass.relay import RelayProtocol, join
+from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
+from nodepass.tunnel.exchange import EgressTCP, IngressTCP, peer_text
+from nodepass.tunnel.exchange import err_text as _err_text
 from nodepass.tunnel.handshake import HandshakeServerProtocol, TunnelConfig
 from nodepass.tunnel.health import ControlChannel
 from nodepass.tunnel.signals import Signal
@@ -50,7 +55,6 @@ from nodepass.tunnel.timers import DelayedCalls
 
 __all__ = ["DualEndSession", "ServerSession", "SessionError", "addr_text"]
 
-POLL = 0.05
 
 
 class SessionError(Exception):
@@ -197,18 +201,26 @@ class DualEndSession:
     @defer.inlineCallbacks
     def _set_control(self) -> Any:
         """Wait for >= 1 idle pool connection, then take ``00000000`` as control."""
-        waited = 0.0
-        while self.pool.active == 0:
-            if waited > self.settings.handshake_timeout:
+        if self.pool.active == 0:
+            # Woken by the first idle member (not by polling: the control
+            # channel is up as soon as it can be).
+            arrived = self.pool.when_idle()
+            timer = self.reactor.callLater(self.settings.handshake_timeout, arrived.cancel)
+            try:
+                yield arrived
+            except defer.CancelledError:
+                pass
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if self.stopped:
+                raise SessionError(f"{self.step_prefix}setControlConn failed: setControlConn: context canceled")
+            if self.pool.active == 0:
                 detail = getattr(self.pool, "last_error", "")
                 raise SessionError(
                     f"{self.step_prefix}setControlConn failed: setControlConn: handshake timeout"
                     + (f" (last pool connection error: {detail})" if detail else "")
                 )
-            yield self._sleep(POLL)
-            if self.stopped:
-                raise SessionError(f"{self.step_prefix}setControlConn failed: setControlConn: context canceled")
-            waited += POLL
         try:
             conn = yield self.pool.outgoing_get(CONTROL_ID, self.settings.pool_get_timeout)
         except PoolError as exc:
@@ -318,75 +330,26 @@ class DualEndSession:
         result = yield self._take_idle()
         return result
 
-    @defer.inlineCallbacks
-    def _ingress_tcp(self, user: _UserConnection) -> Any:
-        peer = addr_text(user.transport.getPeer())  # type: ignore[union-attr]
-        self.logger.debug("Target connection: %s <-> %s", addr_text(user.transport.getHost()), peer)  # type: ignore[union-attr]
-        self.exchanges.add(user)
-        user.when_lost().addBoth(lambda _: self.exchanges.discard(user))
-        try:
-            yield self._wait_ingress()
-        except SessionError:
-            user.abort()
+    def _ingress_tcp(self, user: _UserConnection) -> None:
+        t: Any = user.transport
+        peer = peer_text(t)
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Target connection: %s <-> %s", addr_text(t.getHost()), peer)
+        exchanges = self.exchanges
+        exchanges.add(user)
+        user.on_lost(lambda _reason: exchanges.discard(user))
+        if not self._ingress_open:
+            self._wait_ingress().addCallbacks(lambda _: self._ingress_admit(user, peer), lambda _: user.abort())
             return
+        self._ingress_admit(user, peer)
+
+    def _ingress_admit(self, user: _UserConnection, peer: str) -> None:
         if user.lost:
             return
         if not self.policy.admit("tcp", peer):
             user.abort()
             return
-        try:
-            reason = yield self._ingress_exchange(user, peer)
-        finally:
-            self.policy.release("tcp")
-        if reason is not None:
-            self.logger.info("Exchange complete: %s", reason)
-
-    @defer.inlineCallbacks
-    def _ingress_exchange(self, user: _UserConnection, peer: str) -> Any:
-        """Sniff, take a pool connection, signal and relay an admitted user
-        connection; the relay's end reason, or None when it ended earlier."""
-        try:
-            if self.policy.blocking:
-                first = yield user.peek(self.policy.sniff_bytes, self.policy.sniff_timeout, self.reactor)
-                if self.policy.sniff(first, peer) is not None:
-                    user.abort()
-                    return None
-            if user.lost or self.stopped:
-                return None
-            get = self._take_idle()
-            # A user who leaves while waiting gives up its turn: the next pool
-            # connection goes to a user still there (or stays idle).
-            user.when_lost().addCallback(lambda _: get.cancel())
-            try:
-                cid, conn = yield get
-            except defer.CancelledError:
-                return None
-            except PoolError as exc:
-                self.logger.warn("commonTCPLoop: request timeout: %s", exc)
-                user.abort()
-                return None
-        except Exception as exc:  # never let one connection hurt the others
-            self.logger.error("commonTCPLoop: %s", exc)
-            user.abort()
-            return None
-        if user.lost:
-            conn.close()
-            return None
-        self.logger.debug("Tunnel connection: get %s <- pool active %d", cid, self.pool.active)
-        self._send(Signal("tcp", remote=peer, id=cid))
-        self.logger.debug("TCP launch signal: cid %s -> control", cid)
-        self.exchanges.add(conn)
-        self.logger.info("Starting exchange: %s <-> %s", peer, addr_text(conn.transport.getPeer()))
-        reason = yield join(
-            user, conn,
-            reactor=self.reactor,
-            stats=self.stats,
-            counted=user,
-            throttle=self.policy.throttle,
-            read_timeout=self.policy.read_timeout,
-        )
-        self.exchanges.discard(conn)
-        return reason
+        IngressTCP(self, user, peer).start()
 
     # -- egress ------------------------------------------------------------------------------
     def _launch(self, signal: Signal) -> None:
@@ -397,74 +360,35 @@ class DualEndSession:
             if self.policy.udp_enabled:
                 self._egress_udp(signal)
 
-    @defer.inlineCallbacks
-    def _egress_tcp(self, signal: Signal) -> Any:
+    def _egress_tcp(self, signal: Signal) -> None:
         cid = signal.id
-        self.logger.debug("TCP launch signal: cid %s <- control", cid)
-        try:
-            conn = yield self.pool.outgoing_get(cid, self.settings.pool_get_timeout)
-        except PoolError as exc:
-            self.logger.error("commonTCPOnce: request timeout: %s", exc)
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("TCP launch signal: cid %s <- control", cid)
+        conn = self.pool.take(cid)
+        if conn is not None:
+            self._egress_admit(conn, signal)
+            return
+
+        def missing(failure: Failure) -> None:
+            failure.trap(PoolError)  # type: ignore[no-untyped-call]
+            self.logger.error("commonTCPOnce: request timeout: %s", failure.value)
             if not self.stopped:
                 self.pool.add_error()
-            return
-        self.logger.debug("Tunnel connection: get %s <- pool active %d", cid, self.pool.active)
+
+        d = self.pool.outgoing_get(cid, self.settings.pool_get_timeout)
+        d.addCallbacks(lambda got: self._egress_admit(got, signal), missing)
+        d.addErrback(lambda failure: self.logger.error("commonTCPOnce: %s", _err_text(failure)))
+
+    def _egress_admit(self, conn: Any, signal: Signal) -> None:
+        if self.logger.enabled(Level.DEBUG):
+            self.logger.debug("Tunnel connection: get %s <- pool active %d", signal.id, self.pool.active)
         if conn.lost:
-            self.logger.debug("Tunnel connection: %s already closed by the peer", cid)
+            self.logger.debug("Tunnel connection: %s already closed by the peer", signal.id)
             return
         if not self.policy.admit("tcp", signal.remote):
             conn.close()
             return
-        try:
-            reason = yield self._egress_exchange(conn, signal.remote)
-        finally:
-            self.policy.release("tcp")
-        if reason is not None:
-            self.logger.info("Exchange complete: %s", reason)
-
-    @defer.inlineCallbacks
-    def _egress_exchange(self, conn: Any, remote: str) -> Any:
-        """Dial a target for an admitted pool connection, send the PROXY header
-        and relay; the relay's end reason, or None when it ended earlier."""
-        self.exchanges.add(conn)
-        conn.when_lost().addBoth(lambda _: self.exchanges.discard(conn))
-        target: RelayProtocol | None = None
-        try:
-            factory = Factory.forProtocol(RelayProtocol)
-            target = yield self.policy.connect_tcp(factory)
-        except Exception as exc:
-            self.logger.error("commonTCPOnce: dialWithRotation failed: %s", _err_text(exc))
-            conn.close()
-            return None
-        assert target is not None
-        self.exchanges.add(target)
-        target.when_lost().addBoth(lambda _: self.exchanges.discard(target))
-        if conn.lost:
-            target.close()
-            return None
-        try:
-            header = self.policy.proxy_header(remote, target.transport.getPeer())  # type: ignore[union-attr]
-        except ValueError as exc:
-            self.logger.error("commonTCPOnce: sendProxyV1Header failed: %s", exc)
-            target.close()
-            conn.close()
-            return None
-        if header:
-            target.transport.write(header)  # type: ignore[union-attr]
-            self.stats.tcptx += len(header)
-        self.logger.info(
-            "Starting exchange: %s <-> %s",
-            addr_text(conn.transport.getPeer()), addr_text(target.transport.getPeer()),  # type: ignore[union-attr]
-        )
-        reason = yield join(
-            conn, target,
-            reactor=self.reactor,
-            stats=self.stats,
-            counted=target,
-            throttle=self.policy.throttle,
-            read_timeout=self.policy.read_timeout,
-        )
-        return reason
+        EgressTCP(self, conn, signal.remote).start()
 
     @defer.inlineCallbacks
     def _egress_udp(self, signal: Signal) -> Any:
@@ -488,13 +412,6 @@ class DualEndSession:
                 policy=self.policy,
             )
         self._udp_egress.open(signal.remote, conn)
-
-
-def _err_text(exc: Any) -> str:
-    if isinstance(exc, Failure):
-        exc = exc.value
-    text = str(exc)
-    return text or type(exc).__name__
 
 
 class _TunnelPortFactory(Factory):
