@@ -13,6 +13,7 @@ from nodepass.pool.base import PoolConnection
 from nodepass.pool.tcp import TcpServerPool
 from nodepass.relay import RelayProtocol
 from nodepass.stats import TunnelStats
+from nodepass.tunnel.exchange import IngressTCP
 from nodepass.tunnel.server import DualEndSession
 from tests.support import quiet_logger
 
@@ -28,6 +29,12 @@ class _Policy:
     throttle = None
     read_timeout = 0.0
 
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release(self, kind: str) -> None:
+        self.released.append(kind)
+
 
 class GoneWhileWaitingTests(TestCase):
     """A user connection that closes while it waits for a pool connection (the pool is empty)."""
@@ -35,17 +42,20 @@ class GoneWhileWaitingTests(TestCase):
     def test_gone_user_does_not_take_the_next_pool_connection(self) -> None:
         clock = Clock()
         pool = TcpServerPool(clock, quiet_logger(), max_cap=8, client_ip="")
+        policy = _Policy()
         session = DualEndSession(
             config=_Config(), reactor=clock, logger=quiet_logger(), settings=Settings(pool_get_timeout=5.0),
-            stats=TunnelStats(), policy=_Policy(), exchanges=set(),
+            stats=TunnelStats(), policy=policy, exchanges=set(),
         )
         session.pool = pool
         user = RelayProtocol()
         user.makeConnection(StringTransport())
-        done = session._ingress_exchange(user, "192.0.2.7:5000")  # waits: the pool is empty
-        self.assertNoResult(done)
+        IngressTCP(session, user, "192.0.2.7:5000").start()  # waits: the pool is empty
+        self.assertEqual(policy.released, [])
+        self.assertEqual(len(pool._any_waiters), 1)
         user.connectionLost()
-        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(policy.released, ["tcp"])  # its slot given back once
+        self.assertEqual(len(pool._any_waiters), 0)  # and its place in the queue
 
         pool._first = False  # (the first connection would become the control channel)
         conn = PoolConnection(pool, True, False)
