@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import psutil
+from npbench.procs import compile_tree
 
 HOST = "127.0.0.1"
 
@@ -96,6 +97,8 @@ class Impl:
         self.name, _, path = spec.partition("=")
         self.path = Path(path or ".").resolve()
         self.tree = self.path.is_dir()
+        if self.tree:
+            compile_tree(self.path)  # start from bytecode, as an installed package does
 
     def start(self, url: str, log: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
