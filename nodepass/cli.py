@@ -136,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in settings.warnings:
         logger.warn("%s", warning)
 
+    from nodepass.allocator import tune_allocator
     from nodepass.service import build_service, raise_open_file_limit
 
     raise_open_file_limit()
+    tune_allocator()
     try:
         service: Any = build_service(config, reactor=reactor, logger=logger, settings=settings)
     except Exception as exc:  # a start-up error the URL grammar could not catch

@@ -76,6 +76,7 @@ def makeService(options: Options) -> IService:
     """Build the service for the parsed options (uses the running twistd reactor)."""
     from twisted.internet import reactor
 
+    from nodepass.allocator import tune_allocator
     from nodepass.cli import _announce_level, repeat_interval
     from nodepass.env import Settings
     from nodepass.log import NodePassLogger
@@ -98,6 +99,7 @@ def makeService(options: Options) -> IService:
         logger.warn("%s", warning)
     r: Any = reactor
     raise_open_file_limit()
+    tune_allocator()
     return build_service(
         config,
         reactor=r,
