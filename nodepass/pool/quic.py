@@ -352,6 +352,9 @@ def client_configuration(
 class QuicStreamTransport(StreamTransport):
     """One bidirectional stream of a :class:`QuicLink` as a Twisted transport."""
 
+    #: Bytes arrive one packet's worth at a time, many packets per socket read.
+    delivers_bursts = True
+
     def __init__(self, link: QuicLink, stream_id: int) -> None:
         super().__init__(link.reactor, link.peer, link.host)
         self.link = link
