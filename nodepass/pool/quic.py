@@ -805,10 +805,14 @@ class _Tally:
         self.total = 0
         self._pending: dict[str, int] = {}
         self._call: Any = None
+        self._stopped = False
 
     def add(self, reason: str, addr: Any) -> None:
-        """Count one refusal from ``addr`` (an ``(ip, port)`` pair)."""
+        """Count one refusal from ``addr`` (an ``(ip, port)`` pair); once
+        stopped (the pool closed) it is only counted."""
         self.total += 1
+        if self._stopped:
+            return
         if self._call is None:
             source = join_host_port(str(addr[0]), addr[1], unmap=True)
             self.logger.warn("QUIC %s from %s: %s", self.what, source, reason)
@@ -827,6 +831,7 @@ class _Tally:
         self._call = self.reactor.callLater(self.interval, self._flush)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
