@@ -9,6 +9,7 @@ exactly as on sockets, deterministically and without wall-clock waits.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,15 @@ from zope.interface import implementer
 
 from nodepass.pool import CONTROL_ID, client_pool, probe_server_port, server_pool
 from nodepass.pool.base import PoolConnection
-from nodepass.pool.quic import ALPN, QuicClientPool, QuicLink, QuicServerPool, _FlowConnection
+from nodepass.pool.quic import (
+    ALPN,
+    PACING_BURST,
+    QuicClientPool,
+    QuicLink,
+    QuicServerPool,
+    _FlowConnection,
+    _Pacer,
+)
 from nodepass.relay import RelayProtocol
 from nodepass.tls import server_tls
 from tests.support import free_port, make_cert_files, new_dir, recording_logger
@@ -127,7 +136,9 @@ class _Stubborn(Protocol):
         self.lost = reason
 
 
-class QuicPoolTests(unittest.TestCase):
+class QuicPairCase(unittest.TestCase):
+    """Helpers: a server and client pool on one :class:`_Net`."""
+
     def setUp(self) -> None:
         self.net = _Net()
         self.slog, self.srecords = recording_logger("debug")
@@ -190,6 +201,8 @@ class QuicPoolTests(unittest.TestCase):
         assert len(links) == 1, links
         return links[0]
 
+
+class QuicPoolTests(QuicPairCase):
     # -- ID exchange ---------------------------------------------------------------------------------
     def test_ids_match_and_first_is_control(self) -> None:
         server = self._server()
@@ -551,6 +564,129 @@ class QuicPoolTests(unittest.TestCase):
         self.assertEqual(bad.active, 0)
         self.assertEqual(server2.active, 0)
         self.assertIn("QUIC dial", bad.last_error)
+
+
+
+class QuicSendingTests(QuicPairCase):
+    """Pacing bursts, timer re-arming and prompt ACKs."""
+
+    # -- pacer ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _burst(pacer: _Pacer, now: float) -> int:
+        """Packets the pacer lets go at one instant from a full bucket."""
+        pacer.update_bucket(now=now)
+        sent = 0
+        while pacer.next_send_time(now=now) is None and sent < 10_000:
+            pacer.update_after_send(now=now)
+            sent += 1
+        return sent
+
+    def test_pacer_burst_is_two_milliseconds_of_sending(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        # Window / RTT = 15 MiB/s, times the gain: one packet per 2**-14 s.
+        pacer.update_rate(congestion_window=245_760, smoothed_rtt=2**-6)
+        self.assertEqual(pacer.packet_time, 2**-14)
+        self.assertEqual(pacer.bucket_max, PACING_BURST)
+        burst = self._burst(pacer, now=10.0)
+        self.assertEqual(burst, math.ceil(PACING_BURST / 2**-14))  # 33, where aioquic allows 16
+        # Once the bucket is empty, the next packet waits one packet time.
+        self.assertEqual(pacer.next_send_time(now=10.0), 10.0 + 2**-14)
+
+    def test_pacer_burst_is_at_least_ten_packets(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        # A slow path: one packet per 2**-10 s, 2 ms would be 2 packets.
+        pacer.update_rate(congestion_window=122_880, smoothed_rtt=0.125)
+        self.assertEqual(pacer.packet_time, 2**-10)
+        self.assertEqual(pacer.bucket_max, 10 * 2**-10)
+        self.assertEqual(self._burst(pacer, now=10.0), 10)
+
+    def test_pacer_rate_drop_shrinks_a_full_bucket(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        pacer.update_rate(congestion_window=122_880, smoothed_rtt=0.125)
+        pacer.update_bucket(now=10.0)
+        self.assertEqual(pacer.bucket_time, 10 * 2**-10)
+        pacer.update_rate(congestion_window=245_760, smoothed_rtt=2**-6)  # faster: smaller bucket
+        self.assertEqual(pacer.bucket_time, PACING_BURST)
+        self.assertEqual(self._burst(pacer, now=10.0), 33)
+
+    def test_connections_use_the_reactor_sized_pacer(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        for pool in (server, client):
+            self.assertIsInstance(self._link(pool).conn._loss._pacer, _Pacer)
+
+    # -- timer ---------------------------------------------------------------------------------------
+    def test_timer_is_moved_earlier_never_later_and_never_replaced(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        self.net.run(0.5)  # quiet: the next deadline is the idle timeout's
+        link = self._link(client)
+        call = link._timer
+        self.assertIsNotNone(call)
+        self.assertLessEqual(call.getTime(), link.conn.get_timer())
+        now = self.net.seconds()
+        at = call.getTime()
+        link._arm_timer(at + 5.0, now)  # later: left alone
+        self.assertIs(link._timer, call)
+        self.assertEqual(call.getTime(), at)
+        link._arm_timer(now + 0.0001, now)  # earlier: the same call, moved
+        self.assertIs(link._timer, call)
+        self.assertEqual(call.getTime(), now + 0.0001)
+        # Firing before aioquic's deadline only sets the timer again for it.
+        due = link.conn.get_timer()
+        self.assertGreater(due, now + 0.001)
+        sent = self.net.datagrams
+        self.net.advance(0.0001)
+        self.assertEqual(self.net.datagrams, sent)
+        self.assertIsNotNone(link._timer)
+        self.assertEqual(link._timer.getTime(), due)
+
+    def test_timer_never_fires_after_the_connection_deadline(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=4)
+        self._ready(server, client, 4)
+        links = [self._link(server), self._link(client)]
+        s, c = self._take(server, client)
+        s.set_sink(lambda data: None)
+        for _ in range(200):
+            c.transport.write(os.urandom(3000))  # type: ignore[union-attr]
+            self.net.advance(0.0003)
+            for link in links:
+                due = link.conn.get_timer()
+                if due is not None:
+                    self.assertIsNotNone(link._timer)
+                    self.assertLessEqual(link._timer.getTime(), due)
+
+    # -- ACK after a batch -------------------------------------------------------------------------
+    def test_batch_of_packets_is_acknowledged_without_the_ack_delay(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.5)
+        s, c = self._take(server, client)
+        s.set_sink(lambda data: None)
+        loss = self._link(client).conn._loss
+        self.assertEqual(loss.bytes_in_flight, 0)
+        c.transport.write(os.urandom(5000))  # type: ignore[union-attr]
+        self.net.advance(0)  # the client sends its packets at once
+        self.assertGreater(loss.bytes_in_flight, 0)
+        # One way and back (2 x 0.5 ms): the server's ACK left with the batch,
+        # not after its 1 ms ACK delay.
+        self.net.advance(self.net.delay)
+        self.net.advance(0)
+        self.net.advance(self.net.delay)
+        self.assertEqual(loss.bytes_in_flight, 0)
+
+    # -- tally -----------------------------------------------------------------------------------------
+    def test_refusals_after_close_are_counted_without_a_timer(self) -> None:
+        server = self._server()
+        server.close()
+        before = len(self.net.getDelayedCalls())
+        server.dropped.add("pool closed", ("127.0.0.1", 1))
+        self.assertEqual(server.dropped.total, 1)
+        self.assertEqual(len(self.net.getDelayedCalls()), before)
 
 
 class ProbeTests(unittest.TestCase):

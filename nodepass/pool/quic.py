@@ -84,9 +84,9 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
-from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
+from aioquic.tls import Epoch, load_pem_private_key, load_pem_x509_certificates
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.internet.interfaces import IAddress
@@ -127,6 +127,21 @@ PACKET_OVERHEAD = 64
 FRAME_OVERHEAD = 20
 #: QUIC versions spoken (v1 first, as peers dial it).
 VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
+#: Receive and send buffer asked for on every QUIC socket (the kernel caps it at
+#: net.core.rmem_max / wmem_max): a burst that overflows the receive buffer is
+#: lost and costs a retransmission and a halved congestion window.
+SOCKET_BUFFER = 4 << 20
+#: The pacer lets this much sending time (at its rate) go out in one burst:
+#: a reactor timer fires at best about once per millisecond.
+PACING_BURST = 0.002
+#: Pacing rate relative to congestion window / smoothed RTT.
+PACING_GAIN = 1.25
+#: A timer that fires this close before aioquic's deadline handles it (the
+#: reactor's clock and poll timeouts are not exact).
+TIMER_SLACK = 0.0002
+#: A batch of received datagrams ends with an ACK at once (not after the ACK
+#: delay) once this many packets wait for one.
+ACK_AFTER = 2
 
 
 # aioquic reports peers' protocol errors through the standard logging module;
@@ -143,6 +158,65 @@ def _address(host: str, port: int) -> IAddress:
     if ":" in host:
         return IPv6Address("UDP", host, port)
     return IPv4Address("UDP", host, port)
+
+
+def tune_socket(port: Any) -> None:
+    """Ask for :data:`SOCKET_BUFFER`-sized socket buffers on a listening UDP
+    port (best effort; ports without a socket, as in tests, are left alone)."""
+    handle = getattr(port, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket):
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, option) < SOCKET_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def datagram_sender(port: Any) -> Callable[[bytes, NetworkAddress], None]:
+    """A ``send(datagram, addr)`` for a listening UDP port.
+
+    On a Twisted UDP port it calls the socket's ``sendto`` directly: the
+    port's ``write`` checks the address text three times per datagram, which
+    is a large part of the cost of a small datagram.  A datagram the kernel
+    refuses (full buffer, an ICMP error pending) is dropped; QUIC's loss
+    recovery sends its frames again.
+    """
+    handle = getattr(port, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket):
+        return port.write  # type: ignore[no-any-return]
+    sendto = sock.sendto
+
+    def send(datagram: bytes, addr: NetworkAddress) -> None:
+        try:
+            sendto(datagram, addr)
+        except OSError:
+            pass
+
+    return send
+
+
+class _Pacer(QuicPacketPacer):
+    """aioquic's pacer with bursts that fit a reactor timer.
+
+    aioquic lets at most 16 packets go out at once and then waits for the
+    pacing interval, typically microseconds; a reactor timer fires about a
+    millisecond later at best, so the connection would send 16 packets per
+    millisecond whatever its window.  Here a burst is :data:`PACING_BURST`
+    worth of sending at the pacing rate (at least 10 packets), and the rate
+    is :data:`PACING_GAIN` times window / RTT (quic-go's rules).
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        size = self._max_datagram_size
+        rate = PACING_GAIN * congestion_window / max(smoothed_rtt, 1e-6)
+        self.packet_time = max(1e-6, min(size / rate, 1.0))
+        self.bucket_max = max(PACING_BURST, 10 * size / rate)
+        if self.bucket_time > self.bucket_max:
+            self.bucket_time = self.bucket_max
 
 
 # -- flow control -----------------------------------------------------------------------------
@@ -167,6 +241,7 @@ class _FlowConnection(QuicConnection):
         # aioquic has no setting for the peer's bidirectional stream limit; it is
         # sent in the transport parameters of the first flight.
         self._local_max_streams_bidi.value = max(AIOQUIC_STREAMS, max_streams)
+        self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
@@ -181,8 +256,9 @@ class _FlowConnection(QuicConnection):
     ) -> int:
         # A write that fits in one packet is sent as a frame of its own and
         # not split across two packets: when the rest of the current packet
-        # cannot take it, it goes first in the next one.  The peer then reads
-        # it as one piece (a UDP datagram carried on a member arrives whole).
+        # (or of the congestion window) cannot take it, it goes first in the
+        # next one.  The peer then reads it as one piece (a UDP datagram
+        # carried on a member arrives whole).
         marks = self.write_marks.get(stream.stream_id or 0)
         if marks:
             start = stream.sender.next_offset
@@ -192,9 +268,12 @@ class _FlowConnection(QuicConnection):
                 first, stop = marks[0]
                 if first <= start:
                     max_offset = min(max_offset, stop)
-                    if (
-                        not builder.packet_is_empty
-                        and max_offset - start + FRAME_OVERHEAD > builder.remaining_flight_space
+                    need = max_offset - start + FRAME_OVERHEAD
+                    # An empty packet that could hold it but for the window
+                    # waits for the window; a write too large for any packet
+                    # is split.
+                    if need > builder.remaining_flight_space and (
+                        not builder.packet_is_empty or need <= builder.remaining_buffer_space
                     ):
                         return 0
                 else:
@@ -491,6 +570,10 @@ class QuicLink:
         self._done: set[int] = set()
         self._timer: Any = None
         self._timer_at: float | None = None
+        #: Datagrams received since our last ACK while one was owed.
+        self._unacked = 0
+        #: Stream data or stream ends were queued since the last transmit.
+        self._queued = False
         self._transmit_call: Any = None
         self._ping_call: Any = None
         self._ping_ids = itertools.count()
@@ -504,7 +587,11 @@ class QuicLink:
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         if self.closed:
             return
-        self.conn.receive_datagram(data, addr, now=self.reactor.seconds())
+        conn = self.conn
+        conn.receive_datagram(data, addr, now=self.reactor.seconds())
+        space = conn._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            self._unacked += 1
         try:
             self._process_events()
         finally:
@@ -530,11 +617,18 @@ class QuicLink:
 
     def _handle_timer(self) -> None:
         self._timer = None
-        now = max(self._timer_at or 0.0, self.reactor.seconds())
         self._timer_at = None
         if self.closed:
             return
-        self.conn.handle_timer(now=now)
+        now = self.reactor.seconds()
+        due = self.conn.get_timer()
+        if due is None:
+            return
+        if due > now + TIMER_SLACK:
+            # The deadline moved later since the timer was set: wait for it.
+            self._arm_timer(due, now)
+            return
+        self.conn.handle_timer(now=max(now, due))
         self._process_events()
         self.transmit()
 
@@ -659,12 +753,28 @@ class QuicLink:
         if self.closed:
             return
         now = self.reactor.seconds()
+        conn = self.conn
+        space = conn._spaces.get(Epoch.ONE_RTT)
+        if (
+            space is not None
+            and space.ack_at is not None
+            and space.ack_at > now
+            and (self._unacked >= ACK_AFTER or self._queued)
+        ):
+            # A batch of packets arrived: acknowledge them now rather than
+            # after the ACK delay, so that the sender's window moves on.  An
+            # ACK that is owed anyway rides along with data we send now
+            # (request/response traffic) instead of costing a packet later.
+            space.ack_at = now
+        self._queued = False
         try:
-            for datagram, addr in self.conn.datagrams_to_send(now=now):
+            for datagram, addr in conn.datagrams_to_send(now=now):
                 self._write(datagram, addr)
             # Sending announces new connection IDs: route them before the peer uses them.
             self._process_events()
         finally:
+            if space is None or space.ack_at is None:
+                self._unacked = 0
             self._after_send(now)
 
     def _after_send(self, now: float) -> None:
@@ -674,17 +784,31 @@ class QuicLink:
             # CONNECTION_CLOSE sent (ours) or received (the peer's): over.
             self._end(close.reason_phrase or f"error {close.error_code:#x}")
             return
-        timer_at = self.conn.get_timer()
-        if self._timer is not None and self._timer_at != timer_at:
-            self._cancel_timer()
-        if self._timer is None and timer_at is not None:
-            self._timer_at = timer_at
-            self._timer = self.reactor.callLater(max(0.0, timer_at - now), self._handle_timer)
+        due = self.conn.get_timer()
+        if due is not None:
+            self._arm_timer(due, now)
         if self.blocked:
             for t in list(self.blocked):
                 t.drained()
                 if not t._producer_paused:
                     self.blocked.discard(t)
+
+    def _arm_timer(self, due: float, now: float) -> None:
+        """Have the timer fire at ``due`` or earlier.
+
+        aioquic's deadline moves with nearly every packet (idle timeout, loss
+        detection, ACK delay, pacing).  A timer set for an earlier time is
+        left alone (when it fires, the current deadline is checked and the
+        timer set again if it is not due), and one set for a later time is
+        moved earlier; so the timer is not replaced for each packet.
+        """
+        timer = self._timer
+        if timer is None:
+            self._timer_at = due
+            self._timer = self.reactor.callLater(max(0.0, due - now), self._handle_timer)
+        elif due < (self._timer_at or 0.0):
+            self._timer_at = due
+            timer.reset(max(0.0, due - now))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -731,6 +855,7 @@ class QuicLink:
             self.conn.send_stream_data(stream_id, data, end_stream=end)
         except (RuntimeError, ValueError):
             return  # the stream was reset or discarded meanwhile
+        self._queued = True
         self.transmit_soon()
 
     def reset_stream(self, stream_id: int) -> None:
@@ -747,6 +872,7 @@ class QuicLink:
                 fn(stream_id, 0)
             except (RuntimeError, ValueError):
                 pass  # already ended, or released
+            self._queued = True
             self.transmit_soon()
 
     def unsent(self, stream_id: int) -> int:
@@ -864,6 +990,7 @@ class QuicServerPool(ServerPoolBase):
         self.port = port
         self.idle_timeout = 3 * self.keepalive
         self.udp_port: Any = None
+        self._sendto: Callable[[bytes, NetworkAddress], None] = lambda datagram, addr: None
         self.links: dict[bytes, QuicLink] = {}  # every connection ID of every live connection
         self._all: set[QuicLink] = set()
         self._config: QuicConfiguration | None = None
@@ -894,6 +1021,8 @@ class QuicServerPool(ServerPoolBase):
         self.udp_port = listen_any(
             lambda interface: self.reactor.listenUDP(self.port, _ServerPort(self), interface=interface), self.host
         )
+        tune_socket(self.udp_port)
+        self._sendto = datagram_sender(self.udp_port)
         self.logger.debug("QUIC pool listening on udp %s", join_host_port(self.host, self.port))
 
     def _configuration(self) -> QuicConfiguration:
@@ -986,7 +1115,7 @@ class QuicServerPool(ServerPoolBase):
 
     def _send(self, datagram: bytes, addr: Any) -> None:
         if self.udp_port is not None:
-            self.udp_port.write(datagram, addr)
+            self._sendto(datagram, addr)
 
     # -- connection events -----------------------------------------------------------------------------
     def _ready(self, link: QuicLink) -> None:
@@ -1130,6 +1259,7 @@ class QuicClientPool(ClientPoolBase):
         except (OSError, ValueError) as exc:
             self._dial_failed(f"listen udp: {exc}")
             return
+        tune_socket(udp)
         addr = (ip, self.port)
         cfg = client_configuration(
             self.tls_code,
@@ -1145,7 +1275,7 @@ class QuicClientPool(ClientPoolBase):
             conn,
             peer_addr=addr,
             host=_address(local.host, local.port),
-            send=udp.write,
+            send=datagram_sender(udp),
             keepalive=self.keepalive,
             on_ready=self._ready,
             on_closed=self._closed_link,
