@@ -17,6 +17,7 @@ from typing import Any
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicProtocolVersion
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import Clock
@@ -28,6 +29,7 @@ from nodepass.pool.base import PoolConnection
 from nodepass.pool.quic import (
     ALPN,
     PACING_BURST,
+    PROBE_SIZES,
     QuicClientPool,
     QuicLink,
     QuicServerPool,
@@ -53,7 +55,13 @@ class _Port:
         protocol.transport = self  # type: ignore[assignment]
 
     def write(self, data: bytes, addr: Any) -> None:
-        self.net.send(data, (self.host, self.port), (str(addr[0]), int(addr[1])))
+        net = self.net
+        if net.mtu and len(data) > net.mtu:
+            if net.refuse_large:
+                raise MessageLengthError("message too long")  # type: ignore[no-untyped-call]
+            net.too_large += 1
+            return  # lost on the way (a router drops it)
+        net.send(data, (self.host, self.port), (str(addr[0]), int(addr[1])))
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", self.host, self.port)
@@ -67,7 +75,10 @@ class _Net(Clock):
     """A clock with an in-memory UDP network (one host, ports by number).
 
     ``source`` is the address ports bound to a wildcard send from;
-    ``blocked`` lists ports whose datagrams (to or from them) are lost.
+    ``blocked`` lists ports whose datagrams (to or from them) are lost;
+    datagrams larger than ``mtu`` (when set) are lost, or refused by the
+    sending port's ``write`` (as the kernel does with "don't fragment")
+    when ``refuse_large`` is set.
     """
 
     def __init__(self, delay: float = 0.0005) -> None:
@@ -77,6 +88,10 @@ class _Net(Clock):
         self.blocked: set[int] = set()
         self.source = "127.0.0.1"
         self.datagrams = 0
+        self.mtu = 0
+        self.refuse_large = False
+        self.too_large = 0
+        self.largest = 0
         self._next = 50000
 
     def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> _Port:
@@ -94,6 +109,7 @@ class _Net(Clock):
 
     def send(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
         self.datagrams += 1
+        self.largest = max(self.largest, len(data))
         self.callLater(self.delay, self._deliver, data, src, dst)
 
     def _deliver(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
@@ -568,7 +584,7 @@ class QuicPoolTests(QuicPairCase):
 
 
 class QuicSendingTests(QuicPairCase):
-    """Pacing bursts, timer re-arming and prompt ACKs."""
+    """Pacing bursts, datagram size probing, timer re-arming and prompt ACKs."""
 
     # -- pacer ----------------------------------------------------------------------------------------
     @staticmethod
@@ -615,6 +631,90 @@ class QuicSendingTests(QuicPairCase):
         self._ready(server, client, 1)
         for pool in (server, client):
             self.assertIsInstance(self._link(pool).conn._loss._pacer, _Pacer)
+
+    # -- datagram size -----------------------------------------------------------------------------------
+    def _transfer(self, server: QuicServerPool, client: QuicClientPool, size: int, chunk: int) -> None:
+        """Send ``size`` bytes in ``chunk``-byte writes client -> server; check them by sha256."""
+        s, c = self._take(server, client)
+        got: list[bytes] = []
+        s.set_sink(got.append)
+        payload = os.urandom(size)
+        for i in range(0, size, chunk):
+            c.transport.write(payload[i : i + chunk])  # type: ignore[union-attr]
+        self.net.run_until(lambda: sum(map(len, got)) >= size, 30.0, "all bytes delivered")
+        self.assertEqual(hashlib.sha256(b"".join(got)).digest(), hashlib.sha256(payload).digest())
+
+    def _sizes(self, server: QuicServerPool, client: QuicClientPool) -> tuple[int, int]:
+        return self._link(server).conn._max_datagram_size, self._link(client).conn._max_datagram_size
+
+    def test_largest_probe_size_is_taken_when_the_path_carries_it(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (PROBE_SIZES[0], PROBE_SIZES[0]))
+        self.assertEqual(self.net.largest, PROBE_SIZES[0])
+        self.assertEqual(self._link(client).conn.whole_limit, PROBE_SIZES[0] - 64)
+        # Bulk data now goes in full-size datagrams.
+        before = self.net.datagrams
+        self._transfer(server, client, 512 * 1024, 16 * 1024)
+        self.assertLess(self.net.datagrams - before, 512 * 1024 // 1200)
+
+    def test_lost_probes_step_down_to_a_size_the_path_carries(self) -> None:
+        self.net.mtu = 1400  # larger datagrams vanish on the way
+        server = self._server(keepalive=1.0)
+        client = self._client(min_cap=2, keepalive=1.0)
+        self._ready(server, client, 2)
+        # Only ACKs of later packets declare a probe lost: keep some traffic going.
+        self.net.run_until(lambda: self._sizes(server, client) == (1400, 1400), 30.0, "1400-byte datagrams",
+                           step=0.01)
+        self.assertGreater(self.net.too_large, 0)
+        self._transfer(server, client, 256 * 1024, 1000)
+        self.assertEqual(self._sizes(server, client), (1400, 1400))
+        self.assertEqual(self._link(client).conn.probe_sizes, None)
+
+    def test_probes_refused_by_the_kernel_step_down_at_once(self) -> None:
+        self.net.mtu = 1350
+        self.net.refuse_large = True
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (1350, 1350))
+        self._transfer(server, client, 256 * 1024, 4096)
+
+    def test_path_that_shrinks_takes_the_connection_back_to_1200(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (1452, 1452))
+        # Writes that fit one 1452-byte packet are queued to be sent whole;
+        # then the path only takes 1200 bytes and the kernel says so.
+        self.net.mtu = 1200
+        self.net.refuse_large = True
+        self._transfer(server, client, 400 * 1350, 1350)
+        self.assertEqual(self._sizes(server, client)[1], 1200)
+        self.assertEqual(self._link(client).conn.probe_sizes, None)
+
+    def test_peer_max_udp_payload_size_bounds_the_probes(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        conn = self._link(client).conn
+        conn.probe_sizes = list(PROBE_SIZES)
+        # (as a restored ticket: the connection ID checks of a real handshake are skipped)
+        conn._parse_transport_parameters(self._peer_params(max_udp_payload_size=1350), from_session_ticket=True)
+        self.assertEqual(conn.probe_sizes, [1350, 1300, 1250])
+
+    @staticmethod
+    def _peer_params(**fields: Any) -> bytes:
+        from aioquic._buffer import Buffer
+        from aioquic.quic.packet import QuicTransportParameters, push_quic_transport_parameters
+
+        buf = Buffer(capacity=512)
+        push_quic_transport_parameters(buf, QuicTransportParameters(**fields))
+        return buf.data
 
     # -- timer ---------------------------------------------------------------------------------------
     def test_timer_is_moved_earlier_never_later_and_never_replaced(self) -> None:

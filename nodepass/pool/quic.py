@@ -45,7 +45,14 @@ buffer, which pauses the relay's reading side above the high-water mark.
 Write boundaries: a write that fits in one packet is sent as one STREAM
 frame, never split across two packets, so the peer reads it in one piece.
 UDP datagrams carried on a member rely on that (there is no framing); with
-aioquic's 1200-byte packets this holds up to about 1130 bytes.
+aioquic's 1200-byte packets this holds up to about 1130 bytes, and up to
+about 1380 once a connection found that its path carries 1452-byte datagrams.
+
+Datagram size: connections start with 1200-byte datagrams and, once the
+handshake is confirmed, probe 1452, 1400, 1350, 1300 and 1250 bytes (largest
+first, "don't fragment", never above the peer's ``max_udp_payload_size``)
+and keep the first size that is acknowledged (see
+:class:`_FlowConnection`).
 
 Garbage on the UDP port (unparsable datagrams, unknown versions, packets for
 unknown connections, Initial packets that do not decrypt) and refused
@@ -57,12 +64,14 @@ affected.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import logging
 import os
 import socket
 import ssl
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +80,7 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
@@ -82,13 +92,14 @@ from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
 )
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch, load_pem_private_key, load_pem_x509_certificates
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import CannotListenError, ConnectionLost
+from twisted.internet.error import CannotListenError, ConnectionLost, MessageLengthError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
@@ -136,6 +147,10 @@ SOCKET_BUFFER = 4 << 20
 PACING_BURST = 0.002
 #: Pacing rate relative to congestion window / smoothed RTT.
 PACING_GAIN = 1.25
+#: Datagram sizes tried, largest first, once a connection's handshake is
+#: confirmed (see :class:`_FlowConnection`).  1452 is quic-go's largest
+#: (1500-byte MTU, IPv6); the others fit common tunnels (PPPoE, WireGuard).
+PROBE_SIZES = (1452, 1400, 1350, 1300, 1250)
 #: A timer that fires this close before aioquic's deadline handles it (the
 #: reactor's clock and poll timeouts are not exact).
 TIMER_SLACK = 0.0002
@@ -160,9 +175,20 @@ def _address(host: str, port: int) -> IAddress:
     return IPv4Address("UDP", host, port)
 
 
+# Linux socket options that Python's socket module does not name: never
+# fragment (a datagram larger than the path takes fails or is dropped, which
+# is what the size probes rely on).
+_DONT_FRAGMENT = (
+    ((socket.IPPROTO_IP, 10, 2), (socket.IPPROTO_IPV6, 23, 2))  # IP(V6)_MTU_DISCOVER = IP(V6)_PMTUDISC_DO
+    if sys.platform.startswith("linux")
+    else ()
+)
+
+
 def tune_socket(port: Any) -> None:
     """Ask for :data:`SOCKET_BUFFER`-sized socket buffers on a listening UDP
-    port (best effort; ports without a socket, as in tests, are left alone)."""
+    port and set "don't fragment" (best effort; ports without a socket, as in
+    tests, are left alone)."""
     handle = getattr(port, "getHandle", None)
     sock = handle() if handle is not None else None
     if not isinstance(sock, socket.socket):
@@ -173,6 +199,11 @@ def tune_socket(port: Any) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         except OSError:
             pass
+    for level, option, value in _DONT_FRAGMENT:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass  # e.g. the IPv6 option on an IPv4 socket
 
 
 def datagram_sender(port: Any) -> Callable[[bytes, NetworkAddress], None]:
@@ -193,8 +224,9 @@ def datagram_sender(port: Any) -> Callable[[bytes, NetworkAddress], None]:
     def send(datagram: bytes, addr: NetworkAddress) -> None:
         try:
             sendto(datagram, addr)
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise  # the caller lowers its datagram size
 
     return send
 
@@ -242,6 +274,11 @@ class _FlowConnection(QuicConnection):
         # sent in the transport parameters of the first flight.
         self._local_max_streams_bidi.value = max(AIOQUIC_STREAMS, max_streams)
         self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
+        #: Datagram sizes still to try, largest first (see :meth:`_send_size_probe`);
+        #: None once one was acknowledged or the path refused a regular datagram.
+        self.probe_sizes: list[int] | None = [size for size in PROBE_SIZES if size > self._max_datagram_size]
+        #: Size of the probe in flight (0: none).
+        self.probing = 0
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
@@ -271,7 +308,7 @@ class _FlowConnection(QuicConnection):
                     need = max_offset - start + FRAME_OVERHEAD
                     # An empty packet that could hold it but for the window
                     # waits for the window; a write too large for any packet
-                    # is split.
+                    # (made before the datagram size went down) is split.
                     if need > builder.remaining_flight_space and (
                         not builder.packet_is_empty or need <= builder.remaining_buffer_space
                     ):
@@ -304,7 +341,91 @@ class _FlowConnection(QuicConnection):
         self.limits_due.discard(stream_id)
         self.write_marks.pop(stream_id, None)
 
+    # -- datagram size --------------------------------------------------------------------------
+    # aioquic sends 1200-byte datagrams, the smallest QUIC allows.  Once the
+    # handshake is confirmed, one PING padded to the next size of
+    # PROBE_SIZES (no larger than the peer's max_udp_payload_size) is sent
+    # with "don't fragment"; when it is acknowledged that size is used from
+    # then on, when it is lost (or the kernel refuses it as too large) the
+    # next smaller size is tried.  Probes are outside the congestion window,
+    # their loss is no congestion signal, and they neither arm nor are
+    # resent by the probe timeout (PTO): only later packets' ACKs declare
+    # them lost.  A regular datagram the kernel refuses as too large (the
+    # path MTU shrank) takes the connection back to 1200 bytes for good.
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        try:
+            limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        except Exception:  # noqa: BLE001 - aioquic has checked and applied them already
+            return
+        if limit is not None and self.probe_sizes:
+            self.probe_sizes = [size for size in self.probe_sizes if size <= limit]
+
+    def _send_size_probe(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        crypto = self._cryptos.get(Epoch.ONE_RTT)
+        version = self._version
+        if crypto is None or not crypto.send.is_valid() or not self._network_paths or version is None:
+            return []
+        assert self.probe_sizes
+        size = self.probe_sizes.pop(0)
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        builder.start_frame(QuicFrameType.PING, handler=self._size_probe_done, handler_args=(size,))
+        builder._datagram_needs_padding = True  # PADDING up to ``size``
+        datagrams, packets = builder.flush()
+        self._packet_number = builder.packet_number
+        space = self._spaces[Epoch.ONE_RTT]
+        for packet in packets:
+            packet.sent_time = now
+            # Outside the congestion window; not counted as ack-eliciting in
+            # flight, so the PTO neither waits for it nor resends it (the
+            # peer still acknowledges its PING).
+            packet.in_flight = False
+            packet.is_ack_eliciting = False
+            self._loss.on_packet_sent(packet=packet, space=space)
+        self.probing = size
+        addr = self._network_paths[0].addr
+        return [(datagram, addr) for datagram in datagrams]
+
+    def _size_probe_done(self, delivery: QuicDeliveryState, size: int) -> None:
+        if self.probing == size:
+            self.probing = 0
+        if delivery == QuicDeliveryState.ACKED and self.probe_sizes is not None:
+            self.probe_sizes = None
+            self._set_datagram_size(size)
+
+    def _set_datagram_size(self, size: int) -> None:
+        self._max_datagram_size = size
+        self.whole_limit = size - PACKET_OVERHEAD
+        self._loss._pacer._max_datagram_size = size
+        if hasattr(self._loss._cc, "_max_datagram_size"):
+            self._loss._cc._max_datagram_size = size
+
+    def datagram_too_large(self, size: int) -> None:
+        """The kernel refused a datagram of ``size`` bytes as larger than the path."""
+        if self.probing and size == self.probing:
+            self.probing = 0  # that probe size is out; the next one may go
+        elif size > SMALLEST_MAX_DATAGRAM_SIZE:
+            self.probe_sizes = None
+            self._set_datagram_size(SMALLEST_MAX_DATAGRAM_SIZE)
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        out = self._datagrams_to_send(now)
+        if self.probe_sizes and not self.probing and self._handshake_confirmed and self._state not in END_STATES:
+            out += self._send_size_probe(now)
+        return out
+
+    def _datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         # aioquic visits every stream for every packet it builds; a pool keeps
         # many idle streams, so only the streams with something to send are
         # shown to it (the others are put back untouched afterwards).
@@ -819,8 +940,16 @@ class QuicLink:
     def _write(self, datagram: bytes, addr: NetworkAddress) -> None:
         try:
             self._send(datagram, addr)
-        except Exception:  # noqa: BLE001 - OSError or Twisted's own UDP errors
-            pass  # a lost datagram: QUIC's recovery handles it
+        except (OSError, MessageLengthError) as exc:
+            # A lost datagram: QUIC's recovery sends its frames again.  One
+            # too large for the path (the kernel knows a smaller MTU now)
+            # rules out that probe size, or takes the connection back to the
+            # smallest size; either way the next send may go at once.
+            if isinstance(exc, MessageLengthError) or exc.errno == errno.EMSGSIZE:
+                self.conn.datagram_too_large(len(datagram))
+                self.transmit_soon()
+        except Exception:  # noqa: BLE001 - Twisted's own UDP errors
+            pass
 
     def _schedule_ping(self) -> None:
         if not self.closed and self.keepalive > 0:
