@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -28,13 +29,16 @@ from nodepass.pool import CONTROL_ID, client_pool, probe_server_port, server_poo
 from nodepass.pool.base import PoolConnection
 from nodepass.pool.quic import (
     ALPN,
+    GSO_SEGMENTS,
     PACING_BURST,
     PROBE_SIZES,
+    DatagramSender,
     QuicClientPool,
     QuicLink,
     QuicServerPool,
     _FlowConnection,
     _Pacer,
+    client_configuration,
 )
 from nodepass.relay import RelayProtocol
 from nodepass.tls import server_tls
@@ -787,6 +791,62 @@ class QuicSendingTests(QuicPairCase):
         server.dropped.add("pool closed", ("127.0.0.1", 1))
         self.assertEqual(server.dropped.total, 1)
         self.assertEqual(len(self.net.getDelayedCalls()), before)
+
+
+
+class DatagramRunTests(unittest.TestCase):
+    """Runs of equal-sized datagrams: grouping in QuicLink, one system call in DatagramSender."""
+
+    def _link(self) -> tuple[QuicLink, list[tuple[str, list[int], Any]]]:
+        calls: list[tuple[str, list[int], Any]] = []
+        conn = _FlowConnection(configuration=client_configuration(1, "", 5.0), max_streams=8)
+        link = QuicLink(
+            Clock(),
+            conn,
+            peer_addr=("127.0.0.1", 1),
+            host=IPv4Address("UDP", "127.0.0.1", 2),
+            send=lambda d, a: calls.append(("one", [len(d)], a)),
+            send_run=lambda ds, a: calls.append(("run", [len(d) for d in ds], a)),
+            keepalive=5.0,
+        )
+        return link, calls
+
+    def test_runs_end_at_a_larger_datagram_a_shorter_one_or_another_address(self) -> None:
+        link, calls = self._link()
+        a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+        sizes = [(1200, a), (1200, a), (1200, a), (400, a), (1200, a), (1452, a), (1200, a), (1200, b), (1200, b)]
+        link._write_all([(bytes(n), addr) for n, addr in sizes])
+        self.assertEqual(calls, [
+            ("run", [1200, 1200, 1200, 400], a),
+            ("one", [1200], a),
+            ("run", [1452, 1200], a),
+            ("run", [1200, 1200], b),
+        ])
+
+    def test_runs_are_bounded_in_segments(self) -> None:
+        link, calls = self._link()
+        addr = ("127.0.0.1", 1)
+        link._write_all([(bytes(1200), addr)] * (GSO_SEGMENTS + 3))
+        self.assertEqual([(kind, len(sizes)) for kind, sizes, _a in calls], [("run", GSO_SEGMENTS), ("run", 3)])
+        calls.clear()
+        link._write_all([(bytes(9000), addr)] * 9)  # 65,000 bytes at most per call
+        self.assertEqual([len(sizes) for _k, sizes, _a in calls], [7, 2])
+
+    def test_a_run_arrives_as_separate_datagrams_on_loopback(self) -> None:
+        from twisted.internet import reactor
+
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(30)
+        port = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        sender = DatagramSender(port)
+        run = [bytes([i]) * 1200 for i in range(5)] + [b"\xff" * 300]
+        for _ in range(2):
+            sender.send_run(run, receiver.getsockname())
+            self.assertEqual([receiver.recv(65536) for _ in run], run)
+            sender.gso = False  # and the same one datagram at a time
 
 
 class ProbeTests(unittest.TestCase):

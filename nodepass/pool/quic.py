@@ -71,6 +71,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +155,8 @@ PROBE_SIZES = (1452, 1400, 1350, 1300, 1250)
 #: A timer that fires this close before aioquic's deadline handles it (the
 #: reactor's clock and poll timeouts are not exact).
 TIMER_SLACK = 0.0002
+#: Most datagrams handed to the kernel in one system call (see :class:`DatagramSender`).
+GSO_SEGMENTS = 32
 #: A batch of received datagrams ends with an ACK at once (not after the ACK
 #: delay) once this many packets wait for one.
 ACK_AFTER = 2
@@ -177,7 +180,9 @@ def _address(host: str, port: int) -> IAddress:
 
 # Linux socket options that Python's socket module does not name: never
 # fragment (a datagram larger than the path takes fails or is dropped, which
-# is what the size probes rely on).
+# is what the size probes rely on), and UDP_SEGMENT (SOL_UDP level) for
+# sending several datagrams in one system call.
+_GSO_LEVEL = (17, 103) if sys.platform.startswith("linux") else None
 _DONT_FRAGMENT = (
     ((socket.IPPROTO_IP, 10, 2), (socket.IPPROTO_IPV6, 23, 2))  # IP(V6)_MTU_DISCOVER = IP(V6)_PMTUDISC_DO
     if sys.platform.startswith("linux")
@@ -206,29 +211,56 @@ def tune_socket(port: Any) -> None:
             pass  # e.g. the IPv6 option on an IPv4 socket
 
 
-def datagram_sender(port: Any) -> Callable[[bytes, NetworkAddress], None]:
-    """A ``send(datagram, addr)`` for a listening UDP port.
+class DatagramSender:
+    """Sends datagrams on a listening UDP port.
 
-    On a Twisted UDP port it calls the socket's ``sendto`` directly: the
-    port's ``write`` checks the address text three times per datagram, which
-    is a large part of the cost of a small datagram.  A datagram the kernel
-    refuses (full buffer, an ICMP error pending) is dropped; QUIC's loss
-    recovery sends its frames again.
+    On a Twisted UDP port the socket is used directly: the port's ``write``
+    checks the address text three times per datagram, which is a large part
+    of the cost of a small datagram.  :meth:`send_run` hands a run of
+    datagrams of one size (the last may be shorter) to the kernel in one
+    system call with UDP generic segmentation offload (Linux ``UDP_SEGMENT``),
+    falling back to one ``sendto`` each where the kernel or device refuses
+    it.  A datagram the kernel refuses (full buffer, an ICMP error pending)
+    is dropped; QUIC's loss recovery sends its frames again.  One too large
+    for the path raises ``OSError(EMSGSIZE)`` (``MessageLengthError`` from a
+    port without a socket) so that the caller lowers its datagram size.
     """
-    handle = getattr(port, "getHandle", None)
-    sock = handle() if handle is not None else None
-    if not isinstance(sock, socket.socket):
-        return port.write  # type: ignore[no-any-return]
-    sendto = sock.sendto
 
-    def send(datagram: bytes, addr: NetworkAddress) -> None:
+    def __init__(self, port: Any) -> None:
+        handle = getattr(port, "getHandle", None)
+        sock = handle() if handle is not None else None
+        self._sock = sock if isinstance(sock, socket.socket) else None
+        self._write: Callable[[bytes, NetworkAddress], None] = (
+            self._sock.sendto if self._sock is not None else port.write  # type: ignore[assignment]
+        )
+        #: Whether runs go out with UDP_SEGMENT (cleared when the kernel refuses it).
+        self.gso = self._sock is not None and _GSO_LEVEL is not None
+
+    def send(self, datagram: bytes, addr: NetworkAddress) -> None:
+        """Send one datagram."""
         try:
-            sendto(datagram, addr)
+            self._write(datagram, addr)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise  # the caller lowers its datagram size
+                raise
 
-    return send
+    def send_run(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
+        """Send datagrams of ``len(datagrams[0])`` bytes each (the last may be
+        shorter) to ``addr``; at most :data:`GSO_SEGMENTS` and 65,000 bytes."""
+        if len(datagrams) == 1 or not self.gso:
+            for datagram in datagrams:
+                self.send(datagram, addr)
+            return
+        assert self._sock is not None and _GSO_LEVEL is not None
+        try:
+            self._sock.sendmsg(datagrams, [(*_GSO_LEVEL, struct.pack("=H", len(datagrams[0])))], 0, addr)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise
+            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                self.gso = False  # not on this socket or device: one at a time from now on
+                for datagram in datagrams:
+                    self.send(datagram, addr)
 
 
 class _Pacer(QuicPacketPacer):
@@ -657,6 +689,7 @@ class QuicLink:
         host: IAddress,
         send: Callable[[bytes, NetworkAddress], None],
         keepalive: float,
+        send_run: Callable[[list[bytes], NetworkAddress], None] | None = None,
         on_ready: Callable[[QuicLink], None] | None = None,
         on_stream: Callable[[QuicStreamTransport], None] | None = None,
         on_cid: Callable[[QuicLink, bytes, bool], None] | None = None,
@@ -669,6 +702,7 @@ class QuicLink:
         self.peer = _address(str(peer_addr[0]), int(peer_addr[1]))
         self.host = host
         self._send = send
+        self._send_run = send_run
         self.keepalive = keepalive
         self.linger = max(3 * keepalive, 1.0)
         self.on_ready = on_ready
@@ -889,8 +923,7 @@ class QuicLink:
             space.ack_at = now
         self._queued = False
         try:
-            for datagram, addr in conn.datagrams_to_send(now=now):
-                self._write(datagram, addr)
+            self._write_all(conn.datagrams_to_send(now=now))
             # Sending announces new connection IDs: route them before the peer uses them.
             self._process_events()
         finally:
@@ -937,19 +970,56 @@ class QuicLink:
         self._timer = None
         self._timer_at = None
 
+    def _write_all(self, out: list[tuple[bytes, NetworkAddress]]) -> None:
+        """Send datagrams in order; runs of one size to one address (the
+        last of a run may be shorter) go out together where ``send_run`` is
+        given (one system call, see :class:`DatagramSender`)."""
+        send_run = self._send_run
+        if send_run is None or len(out) == 1:
+            for datagram, addr in out:
+                self._write(datagram, addr)
+            return
+        i, count = 0, len(out)
+        while i < count:
+            first, addr = out[i]
+            size = len(first)
+            limit = min(GSO_SEGMENTS, 65000 // size)
+            j = i + 1
+            while j < count and j - i < limit and out[j][1] == addr:
+                n = len(out[j][0])
+                if n > size:
+                    break
+                j += 1
+                if n < size:
+                    break  # a shorter one ends the run
+            if j - i == 1:
+                self._write(first, addr)
+            else:
+                self._write_run([d for d, _a in out[i:j]], addr)
+            i = j
+
     def _write(self, datagram: bytes, addr: NetworkAddress) -> None:
         try:
             self._send(datagram, addr)
-        except (OSError, MessageLengthError) as exc:
-            # A lost datagram: QUIC's recovery sends its frames again.  One
-            # too large for the path (the kernel knows a smaller MTU now)
-            # rules out that probe size, or takes the connection back to the
-            # smallest size; either way the next send may go at once.
-            if isinstance(exc, MessageLengthError) or exc.errno == errno.EMSGSIZE:
-                self.conn.datagram_too_large(len(datagram))
-                self.transmit_soon()
-        except Exception:  # noqa: BLE001 - Twisted's own UDP errors
-            pass
+        except Exception as exc:  # noqa: BLE001 - OSError or Twisted's own UDP errors
+            self._not_sent(exc, len(datagram))
+
+    def _write_run(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
+        assert self._send_run is not None
+        try:
+            self._send_run(datagrams, addr)
+        except Exception as exc:  # noqa: BLE001 - OSError or Twisted's own UDP errors
+            self._not_sent(exc, len(datagrams[0]))
+
+    def _not_sent(self, exc: Exception, size: int) -> None:
+        """Datagrams of ``size`` bytes were not sent.  They are lost: QUIC's
+        recovery sends their frames again.  Too large for the path (the
+        kernel knows a smaller MTU now): that probe size is ruled out, or
+        the connection goes back to the smallest size; either way the next
+        send may go at once."""
+        if isinstance(exc, MessageLengthError) or (isinstance(exc, OSError) and exc.errno == errno.EMSGSIZE):
+            self.conn.datagram_too_large(size)
+            self.transmit_soon()
 
     def _schedule_ping(self) -> None:
         if not self.closed and self.keepalive > 0:
@@ -1119,7 +1189,7 @@ class QuicServerPool(ServerPoolBase):
         self.port = port
         self.idle_timeout = 3 * self.keepalive
         self.udp_port: Any = None
-        self._sendto: Callable[[bytes, NetworkAddress], None] = lambda datagram, addr: None
+        self._sender: DatagramSender | None = None
         self.links: dict[bytes, QuicLink] = {}  # every connection ID of every live connection
         self._all: set[QuicLink] = set()
         self._config: QuicConfiguration | None = None
@@ -1151,7 +1221,7 @@ class QuicServerPool(ServerPoolBase):
             lambda interface: self.reactor.listenUDP(self.port, _ServerPort(self), interface=interface), self.host
         )
         tune_socket(self.udp_port)
-        self._sendto = datagram_sender(self.udp_port)
+        self._sender = DatagramSender(self.udp_port)
         self.logger.debug("QUIC pool listening on udp %s", join_host_port(self.host, self.port))
 
     def _configuration(self) -> QuicConfiguration:
@@ -1217,6 +1287,7 @@ class QuicServerPool(ServerPoolBase):
             peer_addr=addr,
             host=_address(host.host, host.port),
             send=self._send,
+            send_run=self._send_run,
             keepalive=self.keepalive,
             on_ready=self._ready,
             on_stream=self._member,
@@ -1243,8 +1314,12 @@ class QuicServerPool(ServerPoolBase):
             del self.links[cid]
 
     def _send(self, datagram: bytes, addr: Any) -> None:
-        if self.udp_port is not None:
-            self._sendto(datagram, addr)
+        if self.udp_port is not None and self._sender is not None:
+            self._sender.send(datagram, addr)
+
+    def _send_run(self, datagrams: list[bytes], addr: Any) -> None:
+        if self.udp_port is not None and self._sender is not None:
+            self._sender.send_run(datagrams, addr)
 
     # -- connection events -----------------------------------------------------------------------------
     def _ready(self, link: QuicLink) -> None:
@@ -1389,6 +1464,7 @@ class QuicClientPool(ClientPoolBase):
             self._dial_failed(f"listen udp: {exc}")
             return
         tune_socket(udp)
+        sender = DatagramSender(udp)
         addr = (ip, self.port)
         cfg = client_configuration(
             self.tls_code,
@@ -1404,7 +1480,8 @@ class QuicClientPool(ClientPoolBase):
             conn,
             peer_addr=addr,
             host=_address(local.host, local.port),
-            send=datagram_sender(udp),
+            send=sender.send,
+            send_run=sender.send_run,
             keepalive=self.keepalive,
             on_ready=self._ready,
             on_closed=self._closed_link,
