@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +28,8 @@ from nodepass.pool import CONTROL_ID, client_pool, probe_server_port, server_poo
 from nodepass.pool.base import PoolConnection
 from nodepass.pool.quic import (
     ALPN,
-    GSO_SEGMENTS,
     PACING_BURST,
     PROBE_SIZES,
-    DatagramSender,
     QuicClientPool,
     QuicLink,
     QuicServerPool,
@@ -40,6 +37,7 @@ from nodepass.pool.quic import (
     _Pacer,
     client_configuration,
 )
+from nodepass.pool.udpio import GSO_SEGMENTS
 from nodepass.relay import RelayProtocol
 from nodepass.tls import server_tls
 from tests.support import free_port, make_cert_files, new_dir, recording_logger
@@ -795,7 +793,7 @@ class QuicSendingTests(QuicPairCase):
 
 
 class DatagramRunTests(unittest.TestCase):
-    """Runs of equal-sized datagrams: grouping in QuicLink, one system call in DatagramSender."""
+    """Runs of equal-sized datagrams handed to ``send_run`` together."""
 
     def _link(self) -> tuple[QuicLink, list[tuple[str, list[int], Any]]]:
         calls: list[tuple[str, list[int], Any]] = []
@@ -831,22 +829,6 @@ class DatagramRunTests(unittest.TestCase):
         calls.clear()
         link._write_all([(bytes(9000), addr)] * 9)  # 65,000 bytes at most per call
         self.assertEqual([len(sizes) for _k, sizes, _a in calls], [7, 2])
-
-    def test_a_run_arrives_as_separate_datagrams_on_loopback(self) -> None:
-        from twisted.internet import reactor
-
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(receiver.close)
-        receiver.bind(("127.0.0.1", 0))
-        receiver.settimeout(30)
-        port = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)
-        sender = DatagramSender(port)
-        run = [bytes([i]) * 1200 for i in range(5)] + [b"\xff" * 300]
-        for _ in range(2):
-            sender.send_run(run, receiver.getsockname())
-            self.assertEqual([receiver.recv(65536) for _ in run], run)
-            sender.gso = False  # and the same one datagram at a time
 
 
 class ProbeTests(unittest.TestCase):

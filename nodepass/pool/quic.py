@@ -71,8 +71,6 @@ import logging
 import os
 import socket
 import ssl
-import struct
-import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +108,7 @@ from nodepass.log import NodePassLogger
 from nodepass.net import join_host_port, listen_any
 from nodepass.pool.base import ClientPoolBase, PoolConnection, ServerPoolBase, norm_ip
 from nodepass.pool.stream import StreamTransport
+from nodepass.pool.udpio import GSO_SEGMENTS, DatagramSender, listen_udp, tune_socket
 
 __all__ = [
     "ALPN",
@@ -139,10 +138,6 @@ PACKET_OVERHEAD = 64
 FRAME_OVERHEAD = 20
 #: QUIC versions spoken (v1 first, as peers dial it).
 VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
-#: Receive and send buffer asked for on every QUIC socket (the kernel caps it at
-#: net.core.rmem_max / wmem_max): a burst that overflows the receive buffer is
-#: lost and costs a retransmission and a halved congestion window.
-SOCKET_BUFFER = 4 << 20
 #: The pacer lets this much sending time (at its rate) go out in one burst:
 #: a reactor timer fires at best about once per millisecond.
 PACING_BURST = 0.002
@@ -155,8 +150,6 @@ PROBE_SIZES = (1452, 1400, 1350, 1300, 1250)
 #: A timer that fires this close before aioquic's deadline handles it (the
 #: reactor's clock and poll timeouts are not exact).
 TIMER_SLACK = 0.0002
-#: Most datagrams handed to the kernel in one system call (see :class:`DatagramSender`).
-GSO_SEGMENTS = 32
 #: A batch of received datagrams ends with an ACK at once (not after the ACK
 #: delay) once this many packets wait for one.
 ACK_AFTER = 2
@@ -176,91 +169,6 @@ def _address(host: str, port: int) -> IAddress:
     if ":" in host:
         return IPv6Address("UDP", host, port)
     return IPv4Address("UDP", host, port)
-
-
-# Linux socket options that Python's socket module does not name: never
-# fragment (a datagram larger than the path takes fails or is dropped, which
-# is what the size probes rely on), and UDP_SEGMENT (SOL_UDP level) for
-# sending several datagrams in one system call.
-_GSO_LEVEL = (17, 103) if sys.platform.startswith("linux") else None
-_DONT_FRAGMENT = (
-    ((socket.IPPROTO_IP, 10, 2), (socket.IPPROTO_IPV6, 23, 2))  # IP(V6)_MTU_DISCOVER = IP(V6)_PMTUDISC_DO
-    if sys.platform.startswith("linux")
-    else ()
-)
-
-
-def tune_socket(port: Any) -> None:
-    """Ask for :data:`SOCKET_BUFFER`-sized socket buffers on a listening UDP
-    port and set "don't fragment" (best effort; ports without a socket, as in
-    tests, are left alone)."""
-    handle = getattr(port, "getHandle", None)
-    sock = handle() if handle is not None else None
-    if not isinstance(sock, socket.socket):
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            if sock.getsockopt(socket.SOL_SOCKET, option) < SOCKET_BUFFER:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        except OSError:
-            pass
-    for level, option, value in _DONT_FRAGMENT:
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError:
-            pass  # e.g. the IPv6 option on an IPv4 socket
-
-
-class DatagramSender:
-    """Sends datagrams on a listening UDP port.
-
-    On a Twisted UDP port the socket is used directly: the port's ``write``
-    checks the address text three times per datagram, which is a large part
-    of the cost of a small datagram.  :meth:`send_run` hands a run of
-    datagrams of one size (the last may be shorter) to the kernel in one
-    system call with UDP generic segmentation offload (Linux ``UDP_SEGMENT``),
-    falling back to one ``sendto`` each where the kernel or device refuses
-    it.  A datagram the kernel refuses (full buffer, an ICMP error pending)
-    is dropped; QUIC's loss recovery sends its frames again.  One too large
-    for the path raises ``OSError(EMSGSIZE)`` (``MessageLengthError`` from a
-    port without a socket) so that the caller lowers its datagram size.
-    """
-
-    def __init__(self, port: Any) -> None:
-        handle = getattr(port, "getHandle", None)
-        sock = handle() if handle is not None else None
-        self._sock = sock if isinstance(sock, socket.socket) else None
-        self._write: Callable[[bytes, NetworkAddress], None] = (
-            self._sock.sendto if self._sock is not None else port.write  # type: ignore[assignment]
-        )
-        #: Whether runs go out with UDP_SEGMENT (cleared when the kernel refuses it).
-        self.gso = self._sock is not None and _GSO_LEVEL is not None
-
-    def send(self, datagram: bytes, addr: NetworkAddress) -> None:
-        """Send one datagram."""
-        try:
-            self._write(datagram, addr)
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise
-
-    def send_run(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
-        """Send datagrams of ``len(datagrams[0])`` bytes each (the last may be
-        shorter) to ``addr``; at most :data:`GSO_SEGMENTS` and 65,000 bytes."""
-        if len(datagrams) == 1 or not self.gso:
-            for datagram in datagrams:
-                self.send(datagram, addr)
-            return
-        assert self._sock is not None and _GSO_LEVEL is not None
-        try:
-            self._sock.sendmsg(datagrams, [(*_GSO_LEVEL, struct.pack("=H", len(datagrams[0])))], 0, addr)
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                self.gso = False  # not on this socket or device: one at a time from now on
-                for datagram in datagrams:
-                    self.send(datagram, addr)
 
 
 class _Pacer(QuicPacketPacer):
@@ -1218,7 +1126,7 @@ class QuicServerPool(ServerPoolBase):
         if self.udp_port is not None or self.closed:
             return
         self.udp_port = listen_any(
-            lambda interface: self.reactor.listenUDP(self.port, _ServerPort(self), interface=interface), self.host
+            lambda interface: listen_udp(self.reactor, self.port, _ServerPort(self), interface), self.host
         )
         tune_socket(self.udp_port)
         self._sender = DatagramSender(self.udp_port)
@@ -1459,7 +1367,7 @@ class QuicClientPool(ClientPoolBase):
         try:
             family6 = ipaddress.ip_address(ip).version == 6
             proto = _ClientPort()
-            udp = self.reactor.listenUDP(0, proto, interface="::" if family6 else "0.0.0.0")
+            udp = listen_udp(self.reactor, 0, proto, "::" if family6 else "0.0.0.0")
         except (OSError, ValueError) as exc:
             self._dial_failed(f"listen udp: {exc}")
             return
