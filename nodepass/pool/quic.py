@@ -570,7 +570,8 @@ class QuicStreamTransport(StreamTransport):
 class QuicLink:
     """Drives one aioquic connection on the reactor.
 
-    Datagrams in: :meth:`datagram_received`; datagrams out through ``send``;
+    Datagrams in: :meth:`datagram_received`; datagrams out through ``send``
+    (runs of one size through ``send_run`` when given, see :meth:`_write_all`);
     one re-armed timer for aioquic's own deadlines and one for the keepalive
     PING; all times are ``reactor.seconds()``.  Members are
     :class:`QuicStreamTransport` objects in :attr:`streams` (kept until aioquic
