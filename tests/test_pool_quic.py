@@ -9,6 +9,7 @@ exactly as on sockets, deterministically and without wall-clock waits.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicProtocolVersion
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.internet.task import Clock
@@ -24,7 +26,18 @@ from zope.interface import implementer
 
 from nodepass.pool import CONTROL_ID, client_pool, probe_server_port, server_pool
 from nodepass.pool.base import PoolConnection
-from nodepass.pool.quic import ALPN, QuicClientPool, QuicLink, QuicServerPool, _FlowConnection
+from nodepass.pool.quic import (
+    ALPN,
+    PACING_BURST,
+    PROBE_SIZES,
+    QuicClientPool,
+    QuicLink,
+    QuicServerPool,
+    _FlowConnection,
+    _Pacer,
+    client_configuration,
+)
+from nodepass.pool.udpio import GSO_SEGMENTS
 from nodepass.relay import RelayProtocol
 from nodepass.tls import server_tls
 from tests.support import free_port, make_cert_files, new_dir, recording_logger
@@ -44,7 +57,13 @@ class _Port:
         protocol.transport = self  # type: ignore[assignment]
 
     def write(self, data: bytes, addr: Any) -> None:
-        self.net.send(data, (self.host, self.port), (str(addr[0]), int(addr[1])))
+        net = self.net
+        if net.mtu and len(data) > net.mtu:
+            if net.refuse_large:
+                raise MessageLengthError("message too long")  # type: ignore[no-untyped-call]
+            net.too_large += 1
+            return  # lost on the way (a router drops it)
+        net.send(data, (self.host, self.port), (str(addr[0]), int(addr[1])))
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", self.host, self.port)
@@ -58,7 +77,10 @@ class _Net(Clock):
     """A clock with an in-memory UDP network (one host, ports by number).
 
     ``source`` is the address ports bound to a wildcard send from;
-    ``blocked`` lists ports whose datagrams (to or from them) are lost.
+    ``blocked`` lists ports whose datagrams (to or from them) are lost;
+    datagrams larger than ``mtu`` (when set) are lost, or refused by the
+    sending port's ``write`` (as the kernel does with "don't fragment")
+    when ``refuse_large`` is set.
     """
 
     def __init__(self, delay: float = 0.0005) -> None:
@@ -68,6 +90,10 @@ class _Net(Clock):
         self.blocked: set[int] = set()
         self.source = "127.0.0.1"
         self.datagrams = 0
+        self.mtu = 0
+        self.refuse_large = False
+        self.too_large = 0
+        self.largest = 0
         self._next = 50000
 
     def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> _Port:
@@ -85,6 +111,7 @@ class _Net(Clock):
 
     def send(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
         self.datagrams += 1
+        self.largest = max(self.largest, len(data))
         self.callLater(self.delay, self._deliver, data, src, dst)
 
     def _deliver(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
@@ -127,7 +154,9 @@ class _Stubborn(Protocol):
         self.lost = reason
 
 
-class QuicPoolTests(unittest.TestCase):
+class QuicPairCase(unittest.TestCase):
+    """Helpers: a server and client pool on one :class:`_Net`."""
+
     def setUp(self) -> None:
         self.net = _Net()
         self.slog, self.srecords = recording_logger("debug")
@@ -190,6 +219,8 @@ class QuicPoolTests(unittest.TestCase):
         assert len(links) == 1, links
         return links[0]
 
+
+class QuicPoolTests(QuicPairCase):
     # -- ID exchange ---------------------------------------------------------------------------------
     def test_ids_match_and_first_is_control(self) -> None:
         server = self._server()
@@ -551,6 +582,253 @@ class QuicPoolTests(unittest.TestCase):
         self.assertEqual(bad.active, 0)
         self.assertEqual(server2.active, 0)
         self.assertIn("QUIC dial", bad.last_error)
+
+
+
+class QuicSendingTests(QuicPairCase):
+    """Pacing bursts, datagram size probing, timer re-arming and prompt ACKs."""
+
+    # -- pacer ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _burst(pacer: _Pacer, now: float) -> int:
+        """Packets the pacer lets go at one instant from a full bucket."""
+        pacer.update_bucket(now=now)
+        sent = 0
+        while pacer.next_send_time(now=now) is None and sent < 10_000:
+            pacer.update_after_send(now=now)
+            sent += 1
+        return sent
+
+    def test_pacer_burst_is_two_milliseconds_of_sending(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        # Window / RTT = 15 MiB/s, times the gain: one packet per 2**-14 s.
+        pacer.update_rate(congestion_window=245_760, smoothed_rtt=2**-6)
+        self.assertEqual(pacer.packet_time, 2**-14)
+        self.assertEqual(pacer.bucket_max, PACING_BURST)
+        burst = self._burst(pacer, now=10.0)
+        self.assertEqual(burst, math.ceil(PACING_BURST / 2**-14))  # 33, where aioquic allows 16
+        # Once the bucket is empty, the next packet waits one packet time.
+        self.assertEqual(pacer.next_send_time(now=10.0), 10.0 + 2**-14)
+
+    def test_pacer_burst_is_at_least_ten_packets(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        # A slow path: one packet per 2**-10 s, 2 ms would be 2 packets.
+        pacer.update_rate(congestion_window=122_880, smoothed_rtt=0.125)
+        self.assertEqual(pacer.packet_time, 2**-10)
+        self.assertEqual(pacer.bucket_max, 10 * 2**-10)
+        self.assertEqual(self._burst(pacer, now=10.0), 10)
+
+    def test_pacer_rate_drop_shrinks_a_full_bucket(self) -> None:
+        pacer = _Pacer(max_datagram_size=1200)
+        pacer.update_rate(congestion_window=122_880, smoothed_rtt=0.125)
+        pacer.update_bucket(now=10.0)
+        self.assertEqual(pacer.bucket_time, 10 * 2**-10)
+        pacer.update_rate(congestion_window=245_760, smoothed_rtt=2**-6)  # faster: smaller bucket
+        self.assertEqual(pacer.bucket_time, PACING_BURST)
+        self.assertEqual(self._burst(pacer, now=10.0), 33)
+
+    def test_connections_use_the_reactor_sized_pacer(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        for pool in (server, client):
+            self.assertIsInstance(self._link(pool).conn._loss._pacer, _Pacer)
+
+    # -- datagram size -----------------------------------------------------------------------------------
+    def _transfer(self, server: QuicServerPool, client: QuicClientPool, size: int, chunk: int) -> None:
+        """Send ``size`` bytes in ``chunk``-byte writes client -> server; check them by sha256."""
+        s, c = self._take(server, client)
+        got: list[bytes] = []
+        s.set_sink(got.append)
+        payload = os.urandom(size)
+        for i in range(0, size, chunk):
+            c.transport.write(payload[i : i + chunk])  # type: ignore[union-attr]
+        self.net.run_until(lambda: sum(map(len, got)) >= size, 30.0, "all bytes delivered")
+        self.assertEqual(hashlib.sha256(b"".join(got)).digest(), hashlib.sha256(payload).digest())
+
+    def _sizes(self, server: QuicServerPool, client: QuicClientPool) -> tuple[int, int]:
+        return self._link(server).conn._max_datagram_size, self._link(client).conn._max_datagram_size
+
+    def test_largest_probe_size_is_taken_when_the_path_carries_it(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (PROBE_SIZES[0], PROBE_SIZES[0]))
+        self.assertEqual(self.net.largest, PROBE_SIZES[0])
+        self.assertEqual(self._link(client).conn.whole_limit, PROBE_SIZES[0] - 64)
+        # Bulk data now goes in full-size datagrams.
+        before = self.net.datagrams
+        self._transfer(server, client, 512 * 1024, 16 * 1024)
+        self.assertLess(self.net.datagrams - before, 512 * 1024 // 1200)
+
+    def test_lost_probes_step_down_to_a_size_the_path_carries(self) -> None:
+        self.net.mtu = 1400  # larger datagrams vanish on the way
+        server = self._server(keepalive=1.0)
+        client = self._client(min_cap=2, keepalive=1.0)
+        self._ready(server, client, 2)
+        # Only ACKs of later packets declare a probe lost: keep some traffic going.
+        self.net.run_until(lambda: self._sizes(server, client) == (1400, 1400), 30.0, "1400-byte datagrams",
+                           step=0.01)
+        self.assertGreater(self.net.too_large, 0)
+        self._transfer(server, client, 256 * 1024, 1000)
+        self.assertEqual(self._sizes(server, client), (1400, 1400))
+        self.assertEqual(self._link(client).conn.probe_sizes, None)
+
+    def test_probes_refused_by_the_kernel_step_down_at_once(self) -> None:
+        self.net.mtu = 1350
+        self.net.refuse_large = True
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (1350, 1350))
+        self._transfer(server, client, 256 * 1024, 4096)
+
+    def test_path_that_shrinks_takes_the_connection_back_to_1200(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.1)
+        self.assertEqual(self._sizes(server, client), (1452, 1452))
+        # Writes that fit one 1452-byte packet are queued to be sent whole;
+        # then the path only takes 1200 bytes and the kernel says so.
+        self.net.mtu = 1200
+        self.net.refuse_large = True
+        self._transfer(server, client, 400 * 1350, 1350)
+        self.assertEqual(self._sizes(server, client)[1], 1200)
+        self.assertEqual(self._link(client).conn.probe_sizes, None)
+
+    def test_peer_max_udp_payload_size_bounds_the_probes(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        conn = self._link(client).conn
+        conn.probe_sizes = list(PROBE_SIZES)
+        # (as a restored ticket: the connection ID checks of a real handshake are skipped)
+        conn._parse_transport_parameters(self._peer_params(max_udp_payload_size=1350), from_session_ticket=True)
+        self.assertEqual(conn.probe_sizes, [1350, 1300, 1250])
+
+    @staticmethod
+    def _peer_params(**fields: Any) -> bytes:
+        from aioquic._buffer import Buffer
+        from aioquic.quic.packet import QuicTransportParameters, push_quic_transport_parameters
+
+        buf = Buffer(capacity=512)
+        push_quic_transport_parameters(buf, QuicTransportParameters(**fields))
+        return buf.data
+
+    # -- timer ---------------------------------------------------------------------------------------
+    def test_timer_is_moved_earlier_never_later_and_never_replaced(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=1)
+        self._ready(server, client, 1)
+        self.net.run(0.5)  # quiet: the next deadline is the idle timeout's
+        link = self._link(client)
+        call = link._timer
+        self.assertIsNotNone(call)
+        self.assertLessEqual(call.getTime(), link.conn.get_timer())
+        now = self.net.seconds()
+        at = call.getTime()
+        link._arm_timer(at + 5.0, now)  # later: left alone
+        self.assertIs(link._timer, call)
+        self.assertEqual(call.getTime(), at)
+        link._arm_timer(now + 0.0001, now)  # earlier: the same call, moved
+        self.assertIs(link._timer, call)
+        self.assertEqual(call.getTime(), now + 0.0001)
+        # Firing before aioquic's deadline only sets the timer again for it.
+        due = link.conn.get_timer()
+        self.assertGreater(due, now + 0.001)
+        sent = self.net.datagrams
+        self.net.advance(0.0001)
+        self.assertEqual(self.net.datagrams, sent)
+        self.assertIsNotNone(link._timer)
+        self.assertEqual(link._timer.getTime(), due)
+
+    def test_timer_never_fires_after_the_connection_deadline(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=4)
+        self._ready(server, client, 4)
+        links = [self._link(server), self._link(client)]
+        s, c = self._take(server, client)
+        s.set_sink(lambda data: None)
+        for _ in range(200):
+            c.transport.write(os.urandom(3000))  # type: ignore[union-attr]
+            self.net.advance(0.0003)
+            for link in links:
+                due = link.conn.get_timer()
+                if due is not None:
+                    self.assertIsNotNone(link._timer)
+                    self.assertLessEqual(link._timer.getTime(), due)
+
+    # -- ACK after a batch -------------------------------------------------------------------------
+    def test_batch_of_packets_is_acknowledged_without_the_ack_delay(self) -> None:
+        server = self._server()
+        client = self._client(min_cap=2)
+        self._ready(server, client, 2)
+        self.net.run(0.5)
+        s, c = self._take(server, client)
+        s.set_sink(lambda data: None)
+        loss = self._link(client).conn._loss
+        self.assertEqual(loss.bytes_in_flight, 0)
+        c.transport.write(os.urandom(5000))  # type: ignore[union-attr]
+        self.net.advance(0)  # the client sends its packets at once
+        self.assertGreater(loss.bytes_in_flight, 0)
+        # One way and back (2 x 0.5 ms): the server's ACK left with the batch,
+        # not after its 1 ms ACK delay.
+        self.net.advance(self.net.delay)
+        self.net.advance(0)
+        self.net.advance(self.net.delay)
+        self.assertEqual(loss.bytes_in_flight, 0)
+
+    # -- tally -----------------------------------------------------------------------------------------
+    def test_refusals_after_close_are_counted_without_a_timer(self) -> None:
+        server = self._server()
+        server.close()
+        before = len(self.net.getDelayedCalls())
+        server.dropped.add("pool closed", ("127.0.0.1", 1))
+        self.assertEqual(server.dropped.total, 1)
+        self.assertEqual(len(self.net.getDelayedCalls()), before)
+
+
+
+class DatagramRunTests(unittest.TestCase):
+    """Runs of equal-sized datagrams handed to ``send_run`` together."""
+
+    def _link(self) -> tuple[QuicLink, list[tuple[str, list[int], Any]]]:
+        calls: list[tuple[str, list[int], Any]] = []
+        conn = _FlowConnection(configuration=client_configuration(1, "", 5.0), max_streams=8)
+        link = QuicLink(
+            Clock(),
+            conn,
+            peer_addr=("127.0.0.1", 1),
+            host=IPv4Address("UDP", "127.0.0.1", 2),
+            send=lambda d, a: calls.append(("one", [len(d)], a)),
+            send_run=lambda ds, a: calls.append(("run", [len(d) for d in ds], a)),
+            keepalive=5.0,
+        )
+        return link, calls
+
+    def test_runs_end_at_a_larger_datagram_a_shorter_one_or_another_address(self) -> None:
+        link, calls = self._link()
+        a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+        sizes = [(1200, a), (1200, a), (1200, a), (400, a), (1200, a), (1452, a), (1200, a), (1200, b), (1200, b)]
+        link._write_all([(bytes(n), addr) for n, addr in sizes])
+        self.assertEqual(calls, [
+            ("run", [1200, 1200, 1200, 400], a),
+            ("one", [1200], a),
+            ("run", [1452, 1200], a),
+            ("run", [1200, 1200], b),
+        ])
+
+    def test_runs_are_bounded_in_segments(self) -> None:
+        link, calls = self._link()
+        addr = ("127.0.0.1", 1)
+        link._write_all([(bytes(1200), addr)] * (GSO_SEGMENTS + 3))
+        self.assertEqual([(kind, len(sizes)) for kind, sizes, _a in calls], [("run", GSO_SEGMENTS), ("run", 3)])
+        calls.clear()
+        link._write_all([(bytes(9000), addr)] * 9)  # 65,000 bytes at most per call
+        self.assertEqual([len(sizes) for _k, sizes, _a in calls], [7, 2])
 
 
 class ProbeTests(unittest.TestCase):

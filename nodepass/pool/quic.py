@@ -45,7 +45,14 @@ buffer, which pauses the relay's reading side above the high-water mark.
 Write boundaries: a write that fits in one packet is sent as one STREAM
 frame, never split across two packets, so the peer reads it in one piece.
 UDP datagrams carried on a member rely on that (there is no framing); with
-aioquic's 1200-byte packets this holds up to about 1130 bytes.
+aioquic's 1200-byte packets this holds up to about 1130 bytes, and up to
+about 1380 once a connection found that its path carries 1452-byte datagrams.
+
+Datagram size: connections start with 1200-byte datagrams and, once the
+handshake is confirmed, probe 1452, 1400, 1350, 1300 and 1250 bytes (largest
+first, "don't fragment", never above the peer's ``max_udp_payload_size``)
+and keep the first size that is acknowledged (see
+:class:`_FlowConnection`).
 
 Garbage on the UDP port (unparsable datagrams, unknown versions, packets for
 unknown connections, Initial packets that do not decrypt) and refused
@@ -57,6 +64,7 @@ affected.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import logging
@@ -71,6 +79,7 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
@@ -82,13 +91,14 @@ from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
 )
-from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
-from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
+from aioquic.tls import Epoch, load_pem_private_key, load_pem_x509_certificates
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import CannotListenError, ConnectionLost
+from twisted.internet.error import CannotListenError, ConnectionLost, MessageLengthError
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
@@ -98,6 +108,7 @@ from nodepass.log import NodePassLogger
 from nodepass.net import join_host_port, listen_any
 from nodepass.pool.base import ClientPoolBase, PoolConnection, ServerPoolBase, norm_ip
 from nodepass.pool.stream import StreamTransport
+from nodepass.pool.udpio import GSO_SEGMENTS, DatagramSender, listen_udp, tune_socket
 
 __all__ = [
     "ALPN",
@@ -127,6 +138,21 @@ PACKET_OVERHEAD = 64
 FRAME_OVERHEAD = 20
 #: QUIC versions spoken (v1 first, as peers dial it).
 VERSIONS: list[int] = list(QuicConfiguration().supported_versions)
+#: The pacer lets this much sending time (at its rate) go out in one burst:
+#: a reactor timer fires at best about once per millisecond.
+PACING_BURST = 0.002
+#: Pacing rate relative to congestion window / smoothed RTT.
+PACING_GAIN = 1.25
+#: Datagram sizes tried, largest first, once a connection's handshake is
+#: confirmed (see :class:`_FlowConnection`).  1452 is quic-go's largest
+#: (1500-byte MTU, IPv6); the others fit common tunnels (PPPoE, WireGuard).
+PROBE_SIZES = (1452, 1400, 1350, 1300, 1250)
+#: A timer that fires this close before aioquic's deadline handles it (the
+#: reactor's clock and poll timeouts are not exact).
+TIMER_SLACK = 0.0002
+#: A batch of received datagrams ends with an ACK at once (not after the ACK
+#: delay) once this many packets wait for one.
+ACK_AFTER = 2
 
 
 # aioquic reports peers' protocol errors through the standard logging module;
@@ -143,6 +169,26 @@ def _address(host: str, port: int) -> IAddress:
     if ":" in host:
         return IPv6Address("UDP", host, port)
     return IPv4Address("UDP", host, port)
+
+
+class _Pacer(QuicPacketPacer):
+    """aioquic's pacer with bursts that fit a reactor timer.
+
+    aioquic lets at most 16 packets go out at once and then waits for the
+    pacing interval, typically microseconds; a reactor timer fires about a
+    millisecond later at best, so the connection would send 16 packets per
+    millisecond whatever its window.  Here a burst is :data:`PACING_BURST`
+    worth of sending at the pacing rate (at least 10 packets), and the rate
+    is :data:`PACING_GAIN` times window / RTT (quic-go's rules).
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        size = self._max_datagram_size
+        rate = PACING_GAIN * congestion_window / max(smoothed_rtt, 1e-6)
+        self.packet_time = max(1e-6, min(size / rate, 1.0))
+        self.bucket_max = max(PACING_BURST, 10 * size / rate)
+        if self.bucket_time > self.bucket_max:
+            self.bucket_time = self.bucket_max
 
 
 # -- flow control -----------------------------------------------------------------------------
@@ -167,6 +213,12 @@ class _FlowConnection(QuicConnection):
         # aioquic has no setting for the peer's bidirectional stream limit; it is
         # sent in the transport parameters of the first flight.
         self._local_max_streams_bidi.value = max(AIOQUIC_STREAMS, max_streams)
+        self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
+        #: Datagram sizes still to try, largest first (see :meth:`_send_size_probe`);
+        #: None once one was acknowledged or the path refused a regular datagram.
+        self.probe_sizes: list[int] | None = [size for size in PROBE_SIZES if size > self._max_datagram_size]
+        #: Size of the probe in flight (0: none).
+        self.probing = 0
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
@@ -181,8 +233,9 @@ class _FlowConnection(QuicConnection):
     ) -> int:
         # A write that fits in one packet is sent as a frame of its own and
         # not split across two packets: when the rest of the current packet
-        # cannot take it, it goes first in the next one.  The peer then reads
-        # it as one piece (a UDP datagram carried on a member arrives whole).
+        # (or of the congestion window) cannot take it, it goes first in the
+        # next one.  The peer then reads it as one piece (a UDP datagram
+        # carried on a member arrives whole).
         marks = self.write_marks.get(stream.stream_id or 0)
         if marks:
             start = stream.sender.next_offset
@@ -192,9 +245,12 @@ class _FlowConnection(QuicConnection):
                 first, stop = marks[0]
                 if first <= start:
                     max_offset = min(max_offset, stop)
-                    if (
-                        not builder.packet_is_empty
-                        and max_offset - start + FRAME_OVERHEAD > builder.remaining_flight_space
+                    need = max_offset - start + FRAME_OVERHEAD
+                    # An empty packet that could hold it but for the window
+                    # waits for the window; a write too large for any packet
+                    # (made before the datagram size went down) is split.
+                    if need > builder.remaining_flight_space and (
+                        not builder.packet_is_empty or need <= builder.remaining_buffer_space
                     ):
                         return 0
                 else:
@@ -225,7 +281,91 @@ class _FlowConnection(QuicConnection):
         self.limits_due.discard(stream_id)
         self.write_marks.pop(stream_id, None)
 
+    # -- datagram size --------------------------------------------------------------------------
+    # aioquic sends 1200-byte datagrams, the smallest QUIC allows.  Once the
+    # handshake is confirmed, one PING padded to the next size of
+    # PROBE_SIZES (no larger than the peer's max_udp_payload_size) is sent
+    # with "don't fragment"; when it is acknowledged that size is used from
+    # then on, when it is lost (or the kernel refuses it as too large) the
+    # next smaller size is tried.  Probes are outside the congestion window,
+    # their loss is no congestion signal, and they neither arm nor are
+    # resent by the probe timeout (PTO): only later packets' ACKs declare
+    # them lost.  A regular datagram the kernel refuses as too large (the
+    # path MTU shrank) takes the connection back to 1200 bytes for good.
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        try:
+            limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        except Exception:  # noqa: BLE001 - aioquic has checked and applied them already
+            return
+        if limit is not None and self.probe_sizes:
+            self.probe_sizes = [size for size in self.probe_sizes if size <= limit]
+
+    def _send_size_probe(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        crypto = self._cryptos.get(Epoch.ONE_RTT)
+        version = self._version
+        if crypto is None or not crypto.send.is_valid() or not self._network_paths or version is None:
+            return []
+        assert self.probe_sizes
+        size = self.probe_sizes.pop(0)
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        builder.start_frame(QuicFrameType.PING, handler=self._size_probe_done, handler_args=(size,))
+        builder._datagram_needs_padding = True  # PADDING up to ``size``
+        datagrams, packets = builder.flush()
+        self._packet_number = builder.packet_number
+        space = self._spaces[Epoch.ONE_RTT]
+        for packet in packets:
+            packet.sent_time = now
+            # Outside the congestion window; not counted as ack-eliciting in
+            # flight, so the PTO neither waits for it nor resends it (the
+            # peer still acknowledges its PING).
+            packet.in_flight = False
+            packet.is_ack_eliciting = False
+            self._loss.on_packet_sent(packet=packet, space=space)
+        self.probing = size
+        addr = self._network_paths[0].addr
+        return [(datagram, addr) for datagram in datagrams]
+
+    def _size_probe_done(self, delivery: QuicDeliveryState, size: int) -> None:
+        if self.probing == size:
+            self.probing = 0
+        if delivery == QuicDeliveryState.ACKED and self.probe_sizes is not None:
+            self.probe_sizes = None
+            self._set_datagram_size(size)
+
+    def _set_datagram_size(self, size: int) -> None:
+        self._max_datagram_size = size
+        self.whole_limit = size - PACKET_OVERHEAD
+        self._loss._pacer._max_datagram_size = size
+        if hasattr(self._loss._cc, "_max_datagram_size"):
+            self._loss._cc._max_datagram_size = size
+
+    def datagram_too_large(self, size: int) -> None:
+        """The kernel refused a datagram of ``size`` bytes as larger than the path."""
+        if self.probing and size == self.probing:
+            self.probing = 0  # that probe size is out; the next one may go
+        elif size > SMALLEST_MAX_DATAGRAM_SIZE:
+            self.probe_sizes = None
+            self._set_datagram_size(SMALLEST_MAX_DATAGRAM_SIZE)
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        out = self._datagrams_to_send(now)
+        if self.probe_sizes and not self.probing and self._handshake_confirmed and self._state not in END_STATES:
+            out += self._send_size_probe(now)
+        return out
+
+    def _datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         # aioquic visits every stream for every packet it builds; a pool keeps
         # many idle streams, so only the streams with something to send are
         # shown to it (the others are put back untouched afterwards).
@@ -352,6 +492,9 @@ def client_configuration(
 class QuicStreamTransport(StreamTransport):
     """One bidirectional stream of a :class:`QuicLink` as a Twisted transport."""
 
+    #: Bytes arrive one packet's worth at a time, many packets per socket read.
+    delivers_bursts = True
+
     def __init__(self, link: QuicLink, stream_id: int) -> None:
         super().__init__(link.reactor, link.peer, link.host)
         self.link = link
@@ -427,7 +570,8 @@ class QuicStreamTransport(StreamTransport):
 class QuicLink:
     """Drives one aioquic connection on the reactor.
 
-    Datagrams in: :meth:`datagram_received`; datagrams out through ``send``;
+    Datagrams in: :meth:`datagram_received`; datagrams out through ``send``
+    (runs of one size through ``send_run`` when given, see :meth:`_write_all`);
     one re-armed timer for aioquic's own deadlines and one for the keepalive
     PING; all times are ``reactor.seconds()``.  Members are
     :class:`QuicStreamTransport` objects in :attr:`streams` (kept until aioquic
@@ -454,6 +598,7 @@ class QuicLink:
         host: IAddress,
         send: Callable[[bytes, NetworkAddress], None],
         keepalive: float,
+        send_run: Callable[[list[bytes], NetworkAddress], None] | None = None,
         on_ready: Callable[[QuicLink], None] | None = None,
         on_stream: Callable[[QuicStreamTransport], None] | None = None,
         on_cid: Callable[[QuicLink, bytes, bool], None] | None = None,
@@ -466,6 +611,7 @@ class QuicLink:
         self.peer = _address(str(peer_addr[0]), int(peer_addr[1]))
         self.host = host
         self._send = send
+        self._send_run = send_run
         self.keepalive = keepalive
         self.linger = max(3 * keepalive, 1.0)
         self.on_ready = on_ready
@@ -488,6 +634,10 @@ class QuicLink:
         self._done: set[int] = set()
         self._timer: Any = None
         self._timer_at: float | None = None
+        #: Datagrams received since our last ACK while one was owed.
+        self._unacked = 0
+        #: Stream data or stream ends were queued since the last transmit.
+        self._queued = False
         self._transmit_call: Any = None
         self._ping_call: Any = None
         self._ping_ids = itertools.count()
@@ -501,7 +651,11 @@ class QuicLink:
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         if self.closed:
             return
-        self.conn.receive_datagram(data, addr, now=self.reactor.seconds())
+        conn = self.conn
+        conn.receive_datagram(data, addr, now=self.reactor.seconds())
+        space = conn._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            self._unacked += 1
         try:
             self._process_events()
         finally:
@@ -527,11 +681,18 @@ class QuicLink:
 
     def _handle_timer(self) -> None:
         self._timer = None
-        now = max(self._timer_at or 0.0, self.reactor.seconds())
         self._timer_at = None
         if self.closed:
             return
-        self.conn.handle_timer(now=now)
+        now = self.reactor.seconds()
+        due = self.conn.get_timer()
+        if due is None:
+            return
+        if due > now + TIMER_SLACK:
+            # The deadline moved later since the timer was set: wait for it.
+            self._arm_timer(due, now)
+            return
+        self.conn.handle_timer(now=max(now, due))
         self._process_events()
         self.transmit()
 
@@ -656,12 +817,27 @@ class QuicLink:
         if self.closed:
             return
         now = self.reactor.seconds()
+        conn = self.conn
+        space = conn._spaces.get(Epoch.ONE_RTT)
+        if (
+            space is not None
+            and space.ack_at is not None
+            and space.ack_at > now
+            and (self._unacked >= ACK_AFTER or self._queued)
+        ):
+            # A batch of packets arrived: acknowledge them now rather than
+            # after the ACK delay, so that the sender's window moves on.  An
+            # ACK that is owed anyway rides along with data we send now
+            # (request/response traffic) instead of costing a packet later.
+            space.ack_at = now
+        self._queued = False
         try:
-            for datagram, addr in self.conn.datagrams_to_send(now=now):
-                self._write(datagram, addr)
+            self._write_all(conn.datagrams_to_send(now=now))
             # Sending announces new connection IDs: route them before the peer uses them.
             self._process_events()
         finally:
+            if space is None or space.ack_at is None:
+                self._unacked = 0
             self._after_send(now)
 
     def _after_send(self, now: float) -> None:
@@ -671,17 +847,31 @@ class QuicLink:
             # CONNECTION_CLOSE sent (ours) or received (the peer's): over.
             self._end(close.reason_phrase or f"error {close.error_code:#x}")
             return
-        timer_at = self.conn.get_timer()
-        if self._timer is not None and self._timer_at != timer_at:
-            self._cancel_timer()
-        if self._timer is None and timer_at is not None:
-            self._timer_at = timer_at
-            self._timer = self.reactor.callLater(max(0.0, timer_at - now), self._handle_timer)
+        due = self.conn.get_timer()
+        if due is not None:
+            self._arm_timer(due, now)
         if self.blocked:
             for t in list(self.blocked):
                 t.drained()
                 if not t._producer_paused:
                     self.blocked.discard(t)
+
+    def _arm_timer(self, due: float, now: float) -> None:
+        """Have the timer fire at ``due`` or earlier.
+
+        aioquic's deadline moves with nearly every packet (idle timeout, loss
+        detection, ACK delay, pacing).  A timer set for an earlier time is
+        left alone (when it fires, the current deadline is checked and the
+        timer set again if it is not due), and one set for a later time is
+        moved earlier; so the timer is not replaced for each packet.
+        """
+        timer = self._timer
+        if timer is None:
+            self._timer_at = due
+            self._timer = self.reactor.callLater(max(0.0, due - now), self._handle_timer)
+        elif due < (self._timer_at or 0.0):
+            self._timer_at = due
+            timer.reset(max(0.0, due - now))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -689,11 +879,56 @@ class QuicLink:
         self._timer = None
         self._timer_at = None
 
+    def _write_all(self, out: list[tuple[bytes, NetworkAddress]]) -> None:
+        """Send datagrams in order; runs of one size to one address (the
+        last of a run may be shorter) go out together where ``send_run`` is
+        given (one system call, see :class:`DatagramSender`)."""
+        send_run = self._send_run
+        if send_run is None or len(out) == 1:
+            for datagram, addr in out:
+                self._write(datagram, addr)
+            return
+        i, count = 0, len(out)
+        while i < count:
+            first, addr = out[i]
+            size = len(first)
+            limit = min(GSO_SEGMENTS, 65000 // size)
+            j = i + 1
+            while j < count and j - i < limit and out[j][1] == addr:
+                n = len(out[j][0])
+                if n > size:
+                    break
+                j += 1
+                if n < size:
+                    break  # a shorter one ends the run
+            if j - i == 1:
+                self._write(first, addr)
+            else:
+                self._write_run([d for d, _a in out[i:j]], addr)
+            i = j
+
     def _write(self, datagram: bytes, addr: NetworkAddress) -> None:
         try:
             self._send(datagram, addr)
-        except Exception:  # noqa: BLE001 - OSError or Twisted's own UDP errors
-            pass  # a lost datagram: QUIC's recovery handles it
+        except Exception as exc:  # noqa: BLE001 - OSError or Twisted's own UDP errors
+            self._not_sent(exc, len(datagram))
+
+    def _write_run(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
+        assert self._send_run is not None
+        try:
+            self._send_run(datagrams, addr)
+        except Exception as exc:  # noqa: BLE001 - OSError or Twisted's own UDP errors
+            self._not_sent(exc, len(datagrams[0]))
+
+    def _not_sent(self, exc: Exception, size: int) -> None:
+        """Datagrams of ``size`` bytes were not sent.  They are lost: QUIC's
+        recovery sends their frames again.  Too large for the path (the
+        kernel knows a smaller MTU now): that probe size is ruled out, or
+        the connection goes back to the smallest size; either way the next
+        send may go at once."""
+        if isinstance(exc, MessageLengthError) or (isinstance(exc, OSError) and exc.errno == errno.EMSGSIZE):
+            self.conn.datagram_too_large(size)
+            self.transmit_soon()
 
     def _schedule_ping(self) -> None:
         if not self.closed and self.keepalive > 0:
@@ -728,6 +963,7 @@ class QuicLink:
             self.conn.send_stream_data(stream_id, data, end_stream=end)
         except (RuntimeError, ValueError):
             return  # the stream was reset or discarded meanwhile
+        self._queued = True
         self.transmit_soon()
 
     def reset_stream(self, stream_id: int) -> None:
@@ -744,6 +980,7 @@ class QuicLink:
                 fn(stream_id, 0)
             except (RuntimeError, ValueError):
                 pass  # already ended, or released
+            self._queued = True
             self.transmit_soon()
 
     def unsent(self, stream_id: int) -> int:
@@ -802,10 +1039,14 @@ class _Tally:
         self.total = 0
         self._pending: dict[str, int] = {}
         self._call: Any = None
+        self._stopped = False
 
     def add(self, reason: str, addr: Any) -> None:
-        """Count one refusal from ``addr`` (an ``(ip, port)`` pair)."""
+        """Count one refusal from ``addr`` (an ``(ip, port)`` pair); once
+        stopped (the pool closed) it is only counted."""
         self.total += 1
+        if self._stopped:
+            return
         if self._call is None:
             source = join_host_port(str(addr[0]), addr[1], unmap=True)
             self.logger.warn("QUIC %s from %s: %s", self.what, source, reason)
@@ -824,6 +1065,7 @@ class _Tally:
         self._call = self.reactor.callLater(self.interval, self._flush)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -856,6 +1098,7 @@ class QuicServerPool(ServerPoolBase):
         self.port = port
         self.idle_timeout = 3 * self.keepalive
         self.udp_port: Any = None
+        self._sender: DatagramSender | None = None
         self.links: dict[bytes, QuicLink] = {}  # every connection ID of every live connection
         self._all: set[QuicLink] = set()
         self._config: QuicConfiguration | None = None
@@ -884,8 +1127,10 @@ class QuicServerPool(ServerPoolBase):
         if self.udp_port is not None or self.closed:
             return
         self.udp_port = listen_any(
-            lambda interface: self.reactor.listenUDP(self.port, _ServerPort(self), interface=interface), self.host
+            lambda interface: listen_udp(self.reactor, self.port, _ServerPort(self), interface), self.host
         )
+        tune_socket(self.udp_port)
+        self._sender = DatagramSender(self.udp_port)
         self.logger.debug("QUIC pool listening on udp %s", join_host_port(self.host, self.port))
 
     def _configuration(self) -> QuicConfiguration:
@@ -951,6 +1196,7 @@ class QuicServerPool(ServerPoolBase):
             peer_addr=addr,
             host=_address(host.host, host.port),
             send=self._send,
+            send_run=self._send_run,
             keepalive=self.keepalive,
             on_ready=self._ready,
             on_stream=self._member,
@@ -977,8 +1223,12 @@ class QuicServerPool(ServerPoolBase):
             del self.links[cid]
 
     def _send(self, datagram: bytes, addr: Any) -> None:
-        if self.udp_port is not None:
-            self.udp_port.write(datagram, addr)
+        if self.udp_port is not None and self._sender is not None:
+            self._sender.send(datagram, addr)
+
+    def _send_run(self, datagrams: list[bytes], addr: Any) -> None:
+        if self.udp_port is not None and self._sender is not None:
+            self._sender.send_run(datagrams, addr)
 
     # -- connection events -----------------------------------------------------------------------------
     def _ready(self, link: QuicLink) -> None:
@@ -1118,10 +1368,12 @@ class QuicClientPool(ClientPoolBase):
         try:
             family6 = ipaddress.ip_address(ip).version == 6
             proto = _ClientPort()
-            udp = self.reactor.listenUDP(0, proto, interface="::" if family6 else "0.0.0.0")
+            udp = listen_udp(self.reactor, 0, proto, "::" if family6 else "0.0.0.0")
         except (OSError, ValueError) as exc:
             self._dial_failed(f"listen udp: {exc}")
             return
+        tune_socket(udp)
+        sender = DatagramSender(udp)
         addr = (ip, self.port)
         cfg = client_configuration(
             self.tls_code,
@@ -1137,7 +1389,8 @@ class QuicClientPool(ClientPoolBase):
             conn,
             peer_addr=addr,
             host=_address(local.host, local.port),
-            send=udp.write,
+            send=sender.send,
+            send_run=sender.send_run,
             keepalive=self.keepalive,
             on_ready=self._ready,
             on_closed=self._closed_link,

@@ -69,6 +69,10 @@ class StreamTransport:
     high_water = 256 * 1024
     #: Queued outgoing bytes at or below which it is resumed.
     low_water = 64 * 1024
+    #: True when received bytes come as many small chunks per reactor turn
+    #: (one per packet); the relay then gathers what it writes to the other
+    #: side into one write per turn (see :func:`nodepass.relay.join`).
+    delivers_bursts = False
 
     def __init__(self, reactor: Any, peer: IAddress, host: IAddress) -> None:
         self.reactor = reactor

@@ -10,13 +10,14 @@ tunnel logic (:mod:`nodepass.tunnel`): listener -> relay <- pool.
 
 from nodepass.relay.endpoint import DEFAULT_BUFFER_LIMIT, RelayProtocol
 from nodepass.relay.join import ThrottleLike, join
-from nodepass.relay.write import direct_writer, is_plain_tcp, set_keepalive, set_nodelay, write_at_once
+from nodepass.relay.write import TurnWriter, direct_writer, is_plain_tcp, set_keepalive, set_nodelay, write_at_once
 
 __all__ = [
     "DEFAULT_BUFFER_LIMIT",
     "RelayProtocol",
     "ThrottleLike",
     "join",
+    "TurnWriter",
     "direct_writer",
     "is_plain_tcp",
     "set_keepalive",

@@ -6,7 +6,10 @@
 * each side's bytes are written to the other side, with no per-byte work;
   between two plain TCP sockets on Linux the kernel moves them itself
   (``splice``, :mod:`nodepass.relay.splice`), elsewhere they pass through
-  Python once;
+  Python once; a side whose transport has a true ``delivers_bursts``
+  attribute (a QUIC member: one small chunk per packet, many per reactor
+  turn) has its chunks written to the other side once per reactor turn
+  (:class:`~nodepass.relay.write.TurnWriter`);
 * each transport is registered as the *producer* of the other one, so a slow
   reader pauses the fast writer in both directions (back-pressure);
 * ``TCP_NODELAY`` is set on both sockets (where there is one);
@@ -50,7 +53,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 
 from nodepass.relay.endpoint import RelayProtocol
 from nodepass.relay.splice import can_splice, splice_join
-from nodepass.relay.write import direct_writer, set_nodelay
+from nodepass.relay.write import TurnWriter, direct_writer, set_nodelay
 from nodepass.stats import TunnelStats
 
 __all__ = ["join", "ThrottleLike"]
@@ -112,14 +115,27 @@ def join(
     last_read = {id(a): time.monotonic(), id(b): time.monotonic()}
     timer: list[Any] = [None]
     finished = [False]
+    # Per destination: the writer gathering a bursty source's chunks, flushed
+    # before the destination is closed or half-closed.
+    gathered: dict[int, TurnWriter] = {}
+
+    def flush(dst: RelayProtocol) -> None:
+        writer = gathered.get(id(dst))
+        if writer is not None:
+            writer.flush()
 
     def close_both() -> None:
+        flush(a)
+        flush(b)
         a.close()
         b.close()
 
     def make_sink(src: RelayProtocol, dst: RelayProtocol) -> Callable[[bytes], None]:
         dst_transport = dst.transport
         dst_write = direct_writer(dst_transport) if dst_transport is not None else None
+        if dst_write is not None and getattr(src.transport, "delivers_bursts", False):
+            writer = gathered[id(dst)] = TurnWriter(reactor, dst_write)
+            dst_write = writer.write
         count_rx = stats is not None and src is counted
         count_tx = stats is not None and dst is counted
         charge_read = throttle is not None and src is counted
@@ -149,6 +165,10 @@ def join(
         def lost(reason: str) -> None:
             if not first_reason or (first_reason[0] == "EOF" and reason != "EOF"):
                 first_reason[:] = [reason]
+            writer = gathered.pop(id(side), None)
+            if writer is not None:
+                writer.discard()  # ``side`` is gone: nothing more reaches it
+            flush(other)
             other.close()
             if throttle is not None:
                 throttle.forget(side.throttle_gate)
@@ -173,6 +193,7 @@ def join(
 
         def make_eof(src: RelayProtocol, dst: RelayProtocol) -> Callable[[], None]:
             def eof() -> None:
+                flush(dst)
                 if not _write_eof(dst):
                     close_both()
 

@@ -21,7 +21,7 @@ from twisted.internet import tcp
 
 from nodepass.relay.connect import LeanClient
 
-__all__ = ["direct_writer", "write_at_once", "is_plain_tcp", "set_nodelay", "set_keepalive"]
+__all__ = ["direct_writer", "TurnWriter", "write_at_once", "is_plain_tcp", "set_nodelay", "set_keepalive"]
 
 #: Twisted's TCP transports, and the one of :mod:`nodepass.relay.connect`.
 _PLAIN_TCP: tuple[type, ...] = (tcp.Server, tcp.Client, LeanClient)
@@ -90,6 +90,46 @@ def direct_writer(transport: Any) -> Callable[[bytes], None]:
             t.write(rest)
 
     return write
+
+
+class TurnWriter:
+    """Gathers the chunks written during one reactor turn and passes them on as one.
+
+    For a source that delivers many small chunks at once (a QUIC member gets
+    one per received packet, and a socket read brings dozens of packets),
+    a write per chunk would cost a system call each.  The first chunk of a
+    turn schedules :meth:`flush` for the end of the turn (``callLater(0)``
+    runs once the reactor has handled the events of its current poll), which
+    hands everything written meanwhile to ``write`` in one call.  The owner
+    calls :meth:`flush` itself before anything that must come after the data
+    (closing or half-closing the destination).
+    """
+
+    def __init__(self, reactor: Any, write: Callable[[bytes], None]) -> None:
+        self._reactor = reactor
+        self._write = write
+        self._chunks: list[bytes] = []
+        self._call: Any = None
+
+    def write(self, data: bytes) -> None:
+        if not self._chunks:
+            self._call = self._reactor.callLater(0, self.flush)
+        self._chunks.append(data)
+
+    def flush(self) -> None:
+        """Pass on what was gathered (nothing when nothing is pending)."""
+        chunks = self.discard()
+        if chunks:
+            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def discard(self) -> list[bytes]:
+        """Stop the pending flush and return (forget) what was gathered;
+        for a destination that is gone."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        chunks, self._chunks = self._chunks, []
+        return chunks
 
 
 def is_plain_tcp(transport: Any) -> bool:
