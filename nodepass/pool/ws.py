@@ -385,7 +385,9 @@ class _WsLink(Protocol):
         stream = self.stream
         if decoder is None or stream is None:
             return
-        per_message = self.per_message
+        # Messages one by one once a reader asked for them, and while the
+        # member waits for its user (reads kept apart until then).
+        per_message = self.per_message or bool(getattr(stream.protocol, "awaiting_sink", False))
         parts = self._parts
         for opcode, payload, end in decoder.receive(data):
             if opcode == OP_BINARY:

@@ -222,16 +222,33 @@ class RelayProtocol(Protocol):
                 keep.append((n, d, call))
         self._peekers = keep
 
+    @property
+    def awaiting_sink(self) -> bool:
+        """True while reads are kept for a sink not set yet (each is later
+        delivered on its own, so a transport that carries messages should
+        not merge them meanwhile)."""
+        return self._sink is None and not self.lost
+
     def set_sink(self, sink: Callable[[bytes], None] | None) -> None:
-        """Deliver incoming bytes to ``sink`` (buffered bytes first); None buffers again."""
+        """Deliver incoming bytes to ``sink``, first the buffered reads, one
+        call per read as they arrived (a UDP session takes each read as one
+        datagram); None buffers again."""
         self._sink = sink
         if sink is None:
             return
-        if self._buf:
-            data = b"".join(self._buf)
+        buf = self._buf
+        if buf:
             self._buf = []
             self._buf_len = 0
-            sink(data)
+            for i, data in enumerate(buf):
+                if self._sink is not sink:
+                    # The sink changed meanwhile: the rest goes to the new one.
+                    self._buf[:0] = buf[i:]
+                    self._buf_len = sum(len(d) for d in self._buf)
+                    if self._sink is not None:
+                        self.set_sink(self._sink)
+                    return
+                sink(data)
         self._resume("buffer")
 
     def close(self) -> None:

@@ -59,6 +59,8 @@ READ_BUFFER = 256 * 1024
 #: connection at a time, and what is decrypted is copied out before the
 #: wrapped protocol sees it, so no connection needs a buffer of its own.
 _SHARED = memoryview(bytearray(READ_BUFFER))
+#: The largest plaintext of one TLS record.
+MAX_RECORD = 16384
 
 
 #: What a closed TLSProtocol wraps from then on (it delivers nothing more).
@@ -157,7 +159,7 @@ class TLSProtocol(Protocol):
                 end = True
                 break
             got += n
-            if got == size or self._per_record:
+            if got == size or self._per_record or (n < MAX_RECORD and self._awaiting()):
                 self._deliver(got)
                 got = 0
         self._deliver(got)
@@ -168,6 +170,13 @@ class TLSProtocol(Protocol):
             return
         if got == size and self._in.pending:
             self._decrypt()
+
+    def _awaiting(self) -> bool:
+        # An unclaimed member keeps its reads apart until its user comes (a
+        # UDP session takes each one as a datagram): a record shorter than
+        # the largest ends a read then.  Full records are one message only
+        # together with the short one that ends it.
+        return bool(getattr(self.wrapped, "awaiting_sink", False))
 
     def _deliver(self, n: int) -> None:
         if n and not self.disconnected:
