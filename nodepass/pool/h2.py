@@ -75,7 +75,6 @@ from h2.settings import SettingCodes
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -85,6 +84,7 @@ from nodepass.pool.base import ID_READ_TIMEOUT, ClientPoolBase, PoolConnection, 
 from nodepass.pool.stream import StreamTransport
 from nodepass.pool.tcp import DialFactory
 from nodepass.relay import set_keepalive, set_nodelay
+from nodepass.relay.tls import TLSFactory
 
 __all__ = [
     "ALPN",
@@ -885,11 +885,10 @@ class H2ServerPool(ServerPoolBase):
         #: A connection without streams is closed after this many seconds (Go: twice the report interval).
         self.idle_timeout = max(2 * self.keepalive, 1.0)
         self._connections: set[_H2ServerConnection] = set()
-        self._factory: TLSMemoryBIOFactory | None = None
+        self._factory: TLSFactory | None = None
         if self.tls is not None:
-            self._factory = TLSMemoryBIOFactory(
-                self.tls.with_alpn(ALPN), False, _ServerFactory(self), clock=reactor
-            )
+            tls = self.tls
+            self._factory = TLSFactory(lambda: tls.ssl_context((ALPN,)), True, _ServerFactory(self))
 
     @property
     def refused(self) -> Counter[str]:
@@ -899,7 +898,7 @@ class H2ServerPool(ServerPoolBase):
         if self._factory is None:
             raise ValueError("HTTP/2 pool needs TLS")
 
-    def factory(self) -> TLSMemoryBIOFactory | None:
+    def factory(self) -> TLSFactory | None:
         return None if self.closed else self._factory
 
     def connection_count(self) -> int:
@@ -969,7 +968,11 @@ class _H2ClientConnection(_H2Connection):
             sid = conn.get_next_available_stream_id()
             conn.send_headers(sid, request_headers(self.pool.authority))
         except h2.exceptions.ProtocolError as exc:
-            self.exhausted = True
+            if conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self.exhausted = True
+            # else: a GOAWAY came in the same read as the stream ends that
+            # asked for this member; the connection closes once that event
+            # is handled, and the next refill dials anew.
             failed(f"HTTP/2 connection to {self.peer}: stream not opened: {exc}")
             self._streams_changed()
             return
@@ -1116,7 +1119,7 @@ class H2ClientPool(ClientPoolBase):
         connect: Callable[[Any], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        from nodepass.tls import client_connection_creator
+        from nodepass.tls import client_ssl_context
 
         super().__init__(reactor, logger, **kwargs)
         self.host = host
@@ -1127,7 +1130,9 @@ class H2ClientPool(ClientPoolBase):
         self.authority = server_name or host or "none"
         # HTTP/2 always runs over TLS: code 0 means the unverified code 1.
         self.tls_code = tls_code if tls_code == 2 else 1
-        self.tls_creator = client_connection_creator(self.tls_code, server_name, alpn=(ALPN,))
+        self.ssl_context = client_ssl_context(self.tls_code, server_name, alpn=(ALPN,))
+        #: The name sent as SNI and verified (tls 2 only; tls 1 sends none).
+        self.server_hostname = server_name if self.tls_code == 2 else None
         self._connect = connect
         self._current: _H2ClientConnection | None = None
         self._connections: set[_H2ClientConnection] = set()
@@ -1171,7 +1176,7 @@ class H2ClientPool(ClientPoolBase):
             self._connection_gone(proto)
 
         dial = DialFactory(proto, dial_failed, done)
-        factory = TLSMemoryBIOFactory(self.tls_creator, True, dial, clock=self.reactor)
+        factory = TLSFactory(self.ssl_context, False, dial, self.server_hostname)
         if self._connect is not None:
             self._connect(factory)
         else:
