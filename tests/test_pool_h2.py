@@ -904,3 +904,75 @@ class Code2Tests(Case):
         self.assertEqual(peer2.transport.negotiatedProtocol, b"h2")  # type: ignore[union-attr]
         self.assertFalse(peer1.lost)  # the older connection is not disturbed
         self.assertIn("TLS cert reloaded: " + crt, [r.text for r in self.records])
+
+
+class FastPathTests(Case):
+    """DATA frames of members bypass h2 on the receiving side: payloads pass on as they arrive
+    (whole frames for a UDP reader), flow control is kept and enforced, credit goes back in batches."""
+
+    def test_frame_spanning_reads_streams_on_and_arrives_whole_for_udp(self) -> None:
+        server, client = self.pair()
+        (c1, s1), (c2, s2) = self.some_member(server, client), self.some_member(server, client)
+        s2.transport.bufferSize = 8192  # type: ignore[union-attr]  # what a UDP session sets
+        got1, got2 = sink(s1), sink(s2)
+        payload = os.urandom(600 * 1024)  # one DATA frame, larger than one TLS read
+        c1.transport.write(payload)  # type: ignore[union-attr]
+        c2.transport.write(payload)  # type: ignore[union-attr]
+        self.net.flush()
+        self.assertEqual(b"".join(got1), payload)
+        self.assertGreater(len(got1), 1)  # passed on before the frame was complete
+        self.assertEqual(got2, [payload])
+
+    def member_of_raw_client(self, server: H2ServerPool) -> tuple[RawH2, int, PoolConnection]:
+        peer = self.raw_client(server)
+        sid = peer.request(request_headers("none"))
+        self.net.flush()
+        self.assertEqual(peer.status(sid), b"200")
+        got: list[PoolConnection] = []
+        server.outgoing_get(peer.body(sid).hex(), 1.0).addCallback(got.append)
+        self.assertEqual(len(got), 1)
+        return peer, sid, got[0]
+
+    def raw_client(self, server: H2ServerPool) -> RawH2:
+        peer = RawH2(True)
+        self.net.connect(raw_client_factory(self.clock, lambda: peer), server.factory())
+        self.net.flush()
+        return peer
+
+    def test_credit_goes_back_in_quarter_window_batches(self) -> None:
+        server = self.make_server()
+        peer, sid, member = self.member_of_raw_client(server)
+        got = sink(member)
+        conn = peer.conn
+        assert conn is not None
+        sent = 0
+        block = os.urandom(16 * 1024)
+        while sent < 3 * SERVER_STREAM_WINDOW:
+            window = conn.local_flow_control_window(sid)
+            self.assertGreater(window, 0, "the server stopped giving credit")
+            n = min(window, len(block))
+            conn.send_data(sid, block[:n])
+            sent += n
+            peer.flush()
+            self.net.flush()
+        self.assertEqual(len(b"".join(got)), sent)
+        updates = [e.delta for e in peer.of(h2.events.WindowUpdated) if e.stream_id == sid]
+        self.assertTrue(updates)
+        self.assertTrue(all(d >= SERVER_STREAM_WINDOW // 4 for d in updates), updates)
+        self.assertGreaterEqual(sum(updates), sent - SERVER_STREAM_WINDOW // 4 - 1)
+
+    def test_peer_sending_far_past_its_window_is_cut_off(self) -> None:
+        server = self.make_server()
+        peer, sid, member = self.member_of_raw_client(server)
+        sink(member)
+        member.transport.pauseProducing()  # type: ignore[union-attr]
+        frame = (16384).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + os.urandom(16384)
+        assert peer.transport is not None
+        for _ in range(2 * SERVER_STREAM_WINDOW // 16384 + 2):
+            peer.transport.write(frame)  # raw frames: h2 on this side would refuse to send them
+        self.net.flush()
+        self.assertTrue(peer.lost)
+        goaways = peer.of(h2.events.ConnectionTerminated)
+        self.assertEqual([e.error_code for e in goaways], [ErrorCodes.FLOW_CONTROL_ERROR])
+        self.assertEqual(server.refused["connection"], 1)
+        self.assertTrue(member.lost)
