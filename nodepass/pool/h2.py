@@ -424,6 +424,7 @@ class _H2Connection(Protocol):
 
     def _receive(self, data: bytes) -> int:
         """Handle ``data``; the announced length of a frame too large to take (0 if none)."""
+        pos = 0
         if self._fast_left:
             n = min(self._fast_left, len(data))
             self._fast_left -= n
@@ -441,15 +442,22 @@ class _H2Connection(Protocol):
                 self._conn_credit += n
             if n == len(data):
                 return 0
-            data = data[n:]
-        self._rx.append(data)
-        self._rx_len += len(data)
-        if self._rx_len < self._rx_need:
+            pos = n
+        if self._rx:
+            # A partial frame waits: complete it (rare: DATA frames of members are taken as they come).
+            self._rx.append(data[pos:] if pos else data)
+            self._rx_len += len(data) - pos
+            if self._rx_len < self._rx_need:
+                return 0
+            data = b"".join(self._rx)
+            pos = 0
+            self._rx = []
+            self._rx_len = 0
+        elif len(data) - pos < self._rx_need:
+            self._rx.append(data[pos:] if pos else data)
+            self._rx_len = len(data) - pos
             return 0
-        buf = b"".join(self._rx) if len(self._rx) > 1 else self._rx[0]
-        self._rx = []
-        self._rx_len = 0
-        rest = self._frames(buf)
+        rest = self._frames(data, pos)
         if rest is None:
             return 0
         self._rx = [rest] if rest else []
@@ -458,15 +466,15 @@ class _H2Connection(Protocol):
         assert self.h2 is not None
         return self._rx_need - 9 if self._rx_need - 9 > self.h2.max_inbound_frame_size else 0
 
-    def _frames(self, buf: bytes) -> bytes | None:
-        """Handle the frames of ``buf``; the partial frame left for later (None: stop reading)."""
+    def _frames(self, buf: bytes, pos: int) -> bytes | None:
+        """Handle the frames of ``buf`` from ``pos``; the partial frame left for later (None: stop reading)."""
         conn = self.h2
         assert conn is not None
         streams = self.streams
         limit = conn.max_inbound_frame_size
         size = len(buf)
-        start = 0  # first byte not handled yet (h2 gets start..pos in one call)
-        pos = self._rx_skip
+        start = pos  # first byte not handled yet (h2 gets start..pos in one call)
+        pos += self._rx_skip
         self._rx_skip = 0
         while pos + 9 <= size:
             length = int.from_bytes(buf[pos : pos + 3], "big")
