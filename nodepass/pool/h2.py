@@ -517,23 +517,23 @@ class _H2Connection(Protocol):
         return buf[pos:] if pos < size else b""
 
     def _oversized_frame(self, length: int) -> None:
-        conn = self.h2
-        assert conn is not None
-        try:
-            conn.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._protocol_error(h2.exceptions.FrameTooLargeError(f"frame of {length} bytes announced"))
+        self._connection_error(ErrorCodes.FRAME_SIZE_ERROR,
+                               h2.exceptions.FrameTooLargeError(f"frame of {length} bytes announced"))
 
     def _flow_control_error(self, stream_id: int) -> None:
+        self._connection_error(ErrorCodes.FLOW_CONTROL_ERROR,
+                               h2.exceptions.FlowControlError(f"stream {stream_id} sent beyond its window"))
+
+    def _connection_error(self, code: ErrorCodes, exc: Exception) -> None:
+        """A fault found here rather than by h2: GOAWAY ``code``, then as h2's own protocol errors."""
         conn = self.h2
         assert conn is not None
         self._batch = False
         try:
-            conn.close_connection(error_code=ErrorCodes.FLOW_CONTROL_ERROR)
+            conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
             pass
-        self._protocol_error(h2.exceptions.FlowControlError(f"stream {stream_id} sent beyond its window"))
+        self._protocol_error(exc)
 
     def _feed(self, data: bytes) -> bool:
         """Give h2 whole frames and handle its events; False once the connection is done for."""
