@@ -231,7 +231,7 @@ class ServerTLS:
         self._source = (cert, key)
         self._objects: tuple[Any, Any] | None = None if isinstance(cert, bytes) else (cert, key)
         self._context: SSL.Context | None = None
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_contexts: dict[tuple[bytes, ...], ssl.SSLContext] = {}
         self._alpn_contexts: dict[tuple[bytes, ...], SSL.Context] = {}
         self.der = der
         self.fingerprint = fingerprint(der)
@@ -306,11 +306,17 @@ class ServerTLS:
         conn.set_accept_state()
         return conn
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, alpn: tuple[bytes, ...] = ()) -> ssl.SSLContext:
         """The same certificate as a standard-library context (the lean pool TLS
-        layer, :mod:`nodepass.relay.tls`), rebuilt after a reload."""
+        layer, :mod:`nodepass.relay.tls`), one per ``alpn`` tuple, rebuilt after
+        a reload.
+
+        With ``alpn``, the server selects the first of those protocols that the
+        client offers, and none when it offers none of them (the handshake still
+        completes; the transport then decides what to do with such a client)."""
         self._maybe_reload()
-        if self._ssl_context is None:
+        ctx = self._ssl_contexts.get(alpn)
+        if ctx is None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.options |= ssl.OP_NO_TICKET
@@ -320,8 +326,10 @@ class ServerTLS:
             crt, key = self.pem()
             _load_chain_from_memory(ctx, crt, key)
             ctx.sni_callback = _remember_server_name
-            self._ssl_context = ctx
-        return self._ssl_context
+            if alpn:
+                ctx.set_alpn_protocols([p.decode("ascii") for p in alpn])
+            self._ssl_contexts[alpn] = ctx
+        return ctx
 
     def with_alpn(self, *protocols: bytes) -> IOpenSSLServerConnectionCreator:
         """A connection creator for TLSMemoryBIOFactory that negotiates ``protocols``."""
@@ -500,18 +508,20 @@ class _VerifyingClient:
 
 
 _CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], Any] = {}
-_SSL_CLIENT_CACHE: dict[tuple[int, str, str], ssl.SSLContext] = {}
+_SSL_CLIENT_CACHE: dict[tuple[int, str, str, tuple[bytes, ...]], ssl.SSLContext] = {}
 
 
-def client_ssl_context(code: int, server_name: str) -> ssl.SSLContext | None:
+def client_ssl_context(code: int, server_name: str, alpn: tuple[bytes, ...] = ()) -> ssl.SSLContext | None:
     """The standard-library client context for pool code 1 or 2 (None for 0),
     with the same rules as :func:`client_connection_creator`: code 1 does not
-    verify and sends no SNI; code 2 verifies the chain (``SSL_CERT_FILE``, else
-    the system's trust store) and ``server_name``."""
+    verify (give it no ``server_hostname``: no SNI); code 2 verifies the chain
+    (``SSL_CERT_FILE``, else the system's trust store) and the name given as
+    ``server_hostname``, against subjectAltName entries only.  ``alpn`` lists
+    the application protocols to offer."""
     if code not in (1, 2):
         return None
     bundle = os.environ.get("SSL_CERT_FILE", "")
-    key = (code, server_name if code == 2 else "", bundle)
+    key = (code, server_name if code == 2 else "", bundle, alpn)
     ctx = _SSL_CLIENT_CACHE.get(key)
     if ctx is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -526,6 +536,8 @@ def client_ssl_context(code: int, server_name: str) -> ssl.SSLContext | None:
                 ctx.load_verify_locations(cafile=bundle)
             else:
                 ctx.load_default_certs()
+        if alpn:
+            ctx.set_alpn_protocols([p.decode("ascii") for p in alpn])
         _SSL_CLIENT_CACHE[key] = ctx
     return ctx
 

@@ -10,6 +10,7 @@ server answers, and clients that send what a NodePass peer never sends.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +38,17 @@ from nodepass.pool.h2 import (
     request_headers,
 )
 from nodepass.relay import RelayProtocol
-from nodepass.tls import client_connection_creator, server_tls
-from tests.support import recording_logger
+from nodepass.relay.tls import TLSFactory
+from nodepass.tls import (
+    ServerTLS,
+    _load_pair,
+    client_connection_creator,
+    client_ssl_context,
+    fingerprint,
+    fingerprint_of_x509,
+    server_tls,
+)
+from tests.support import make_cert_files, recording_logger
 from tests.test_pool_stream import _Producer
 
 SERVER_ADDR = IPv4Address("TCP", "127.0.0.1", 10101)
@@ -727,3 +737,242 @@ class GoawayTests(Case):
         self.net.advance(1.0)
         self.assertEqual(client.dialed, 2)
         self.assertGreaterEqual(client.active, 3)
+
+
+def lean_client_factory(make: Callable[[], Protocol], alpn: tuple[bytes, ...]) -> TLSFactory:
+    """A peer on the lean TLS layer offering ``alpn`` (no verification, no SNI)."""
+    return TLSFactory(client_ssl_context(1, "", alpn=alpn), False, Factory.forProtocol(make))
+
+
+class LeanTLSTests(Case):
+    """The pool runs on the lean TLS layer (:mod:`nodepass.relay.tls`); these peers use it too,
+    so the negotiated protocol and the handshake completion are the lean layer's on both ends."""
+
+    def test_lean_peers_without_h2_are_refused(self) -> None:
+        server = self.make_server()
+        peers = []
+        for alpn in ((), (b"http/1.1",), (b"http/1.1", b"h3")):
+            peer = RawH2(True)
+            peers.append(peer)
+            self.net.connect(lean_client_factory(lambda p=peer: p, alpn), server.factory())
+            self.net.flush()
+            self.assertTrue(peer.handshake_done)
+            self.assertIsNone(peer.transport.negotiatedProtocol)  # type: ignore[union-attr]
+            self.assertTrue(peer.lost)
+        self.assertEqual(server.refused["alpn"], 3)
+        self.assertEqual(server.connection_count(), 0)
+        self.assertEqual(len([w for w in self.warnings() if "ALPN" in w]), 1)
+
+    def test_lean_peer_offering_h2_among_others_is_served(self) -> None:
+        server = self.make_server()
+        peer = RawH2(True)
+        self.net.connect(lean_client_factory(lambda: peer, (b"http/1.1", b"h2")), server.factory())
+        self.net.flush()
+        self.assertEqual(peer.transport.negotiatedProtocol, b"h2")  # type: ignore[union-attr]
+        sid = peer.request(request_headers("none"))
+        self.net.flush()
+        self.assertEqual(peer.status(sid), b"200")
+        self.assertEqual(len(peer.body(sid)), 4)
+        self.assertFalse(peer.lost)
+        self.assertEqual(server.refused["alpn"], 0)
+
+    def test_our_client_refuses_a_lean_server_without_h2(self) -> None:
+        tls = server_tls(1, "", "", pool_type=3, logger=self.logger)
+        assert tls is not None
+        listener = Listener()
+        other = TLSFactory(lambda: tls.ssl_context((b"http/1.1",)), True, Factory.forProtocol(lambda: listener))
+        client = self.make_client(lambda: other, min_cap=2)
+        client.start()
+        self.net.flush()
+        self.assertEqual(client.active, 0)
+        self.assertIn("ALPN", client.last_error)
+        self.assertTrue(listener.lost)
+        self.assertEqual(client.connection_count(), 0)
+
+    def test_handshake_completed_once_before_any_frame(self) -> None:
+        server = self.make_server()
+        seen: list[str] = []
+
+        @implementer(IHandshakeListener)
+        class Probe(RawH2):
+            def handshakeCompleted(self) -> None:
+                seen.append("handshake")
+                super().handshakeCompleted()
+
+            def dataReceived(self, data: bytes) -> None:
+                seen.append("data")
+                super().dataReceived(data)
+
+        peer = Probe(True)
+        self.net.connect(lean_client_factory(lambda: peer, (b"h2",)), server.factory())
+        self.net.flush()
+        self.assertEqual(seen.count("handshake"), 1)
+        self.assertEqual(seen[0], "handshake")
+        self.assertIn("data", seen)  # the server's SETTINGS
+
+
+class Listener(Protocol):
+    """Takes whatever arrives; notes when the connection is gone."""
+
+    lost = False
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+class Code2Tests(Case):
+    """tls=2: the client verifies the chain (``SSL_CERT_FILE``) and the server name; the server
+    re-reads its certificate files once the reload interval has passed."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.dir = tempfile.mkdtemp()
+        old = os.environ.get("SSL_CERT_FILE")
+        self.addCleanup(lambda: os.environ.__setitem__("SSL_CERT_FILE", old) if old is not None
+                        else os.environ.pop("SSL_CERT_FILE", None))
+        self.now = [1000.0]
+
+    def file_server(self, reload_interval: float = 3600.0) -> tuple[H2ServerPool, str, bytes]:
+        crt, key, der = make_cert_files(self.dir)
+        cert, pkey, der = _load_pair(crt, key)
+        tls = ServerTLS(2, cert, pkey, der, crt_file=crt, key_file=key, reload_interval=reload_interval,
+                        clock=lambda: self.now[0], logger=self.logger)
+        pool = H2ServerPool(self.clock, self.logger, max_cap=64, client_ip="127.0.0.1", tls=tls,
+                            keepalive=KEEPALIVE, host="127.0.0.1", port=SERVER_ADDR.port)
+        pool.start()
+        self.addCleanup(pool.close)
+        return pool, crt, der
+
+    def code2_client(self, server: H2ServerPool, name: str, min_cap: int = 2) -> H2ClientPool:
+        def connect(factory: Any) -> None:
+            self.net.connect(factory, server.factory())
+
+        pool = H2ClientPool(self.clock, self.logger, min_cap=min_cap, max_cap=64, min_interval=0.5,
+                            max_interval=0.5, keepalive=KEEPALIVE, host="127.0.0.1", port=SERVER_ADDR.port,
+                            dial_timeout=5.0, tls_code=2, server_name=name, connect=connect)
+        self.addCleanup(pool.close)
+        return pool
+
+    def test_trusted_and_named_server_carries_members(self) -> None:
+        server, crt, der = self.file_server()
+        os.environ["SSL_CERT_FILE"] = crt
+        client = self.code2_client(server, "localhost")
+        client.start()
+        self.net.flush()
+        self.assertEqual(client.active, 2)
+        c, s = self.some_member(server, client)
+        self.assertEqual(fingerprint_of_x509(c.transport.getPeerCertificate()), fingerprint(der))  # type: ignore[union-attr]
+        (cproto,) = client._connections
+        self.assertEqual(cproto.transport.server_name, "localhost")  # type: ignore[union-attr]
+        (sproto,) = server._connections
+        self.assertEqual(sproto.transport.server_name, "localhost")  # type: ignore[union-attr]
+
+    def test_other_name_refused(self) -> None:
+        server, crt, _der = self.file_server()
+        os.environ["SSL_CERT_FILE"] = crt
+        client = self.code2_client(server, "elsewhere.example")
+        client.start()
+        self.net.flush()
+        self.assertEqual(client.active, 0)
+        self.assertIn("TLS", client.last_error)
+        self.assertEqual(server.connection_count(), 0)
+        self.assertGreaterEqual(server.refused["tls"], 1)
+
+    def test_untrusted_refused(self) -> None:
+        server, _crt, _der = self.file_server()
+        other = os.path.join(self.dir, "other")
+        os.makedirs(other)
+        os.environ["SSL_CERT_FILE"] = make_cert_files(other)[0]
+        client = self.code2_client(server, "localhost")
+        client.start()
+        self.net.flush()
+        self.assertEqual(client.active, 0)
+        self.assertIn("certificate verify failed", client.last_error)
+
+    def test_reloaded_certificate_served_to_new_connections(self) -> None:
+        server, crt, der1 = self.file_server(reload_interval=60.0)
+        _crt, _key, der2 = make_cert_files(self.dir)  # new files in place
+        peer1 = RawH2(True)
+        self.net.connect(lean_client_factory(lambda: peer1, (b"h2",)), server.factory())
+        self.net.flush()
+        self.assertEqual(peer1.transport.getPeerCertificate(), der1)  # type: ignore[union-attr]
+        self.now[0] += 61
+        peer2 = RawH2(True)
+        self.net.connect(lean_client_factory(lambda: peer2, (b"h2",)), server.factory())
+        self.net.flush()
+        self.assertEqual(peer2.transport.getPeerCertificate(), der2)  # type: ignore[union-attr]
+        self.assertEqual(peer2.transport.negotiatedProtocol, b"h2")  # type: ignore[union-attr]
+        self.assertFalse(peer1.lost)  # the older connection is not disturbed
+        self.assertIn("TLS cert reloaded: " + crt, [r.text for r in self.records])
+
+
+class FastPathTests(Case):
+    """DATA frames of members bypass h2 on the receiving side: payloads pass on as they arrive
+    (whole frames for a UDP reader), flow control is kept and enforced, credit goes back in batches."""
+
+    def test_frame_spanning_reads_streams_on_and_arrives_whole_for_udp(self) -> None:
+        server, client = self.pair()
+        (c1, s1), (c2, s2) = self.some_member(server, client), self.some_member(server, client)
+        s2.transport.bufferSize = 8192  # type: ignore[union-attr]  # what a UDP session sets
+        got1, got2 = sink(s1), sink(s2)
+        payload = os.urandom(600 * 1024)  # one DATA frame, larger than one TLS read
+        c1.transport.write(payload)  # type: ignore[union-attr]
+        c2.transport.write(payload)  # type: ignore[union-attr]
+        self.net.flush()
+        self.assertEqual(b"".join(got1), payload)
+        self.assertGreater(len(got1), 1)  # passed on before the frame was complete
+        self.assertEqual(got2, [payload])
+
+    def member_of_raw_client(self, server: H2ServerPool) -> tuple[RawH2, int, PoolConnection]:
+        peer = self.raw_client(server)
+        sid = peer.request(request_headers("none"))
+        self.net.flush()
+        self.assertEqual(peer.status(sid), b"200")
+        got: list[PoolConnection] = []
+        server.outgoing_get(peer.body(sid).hex(), 1.0).addCallback(got.append)
+        self.assertEqual(len(got), 1)
+        return peer, sid, got[0]
+
+    def raw_client(self, server: H2ServerPool) -> RawH2:
+        peer = RawH2(True)
+        self.net.connect(raw_client_factory(self.clock, lambda: peer), server.factory())
+        self.net.flush()
+        return peer
+
+    def test_credit_goes_back_in_quarter_window_batches(self) -> None:
+        server = self.make_server()
+        peer, sid, member = self.member_of_raw_client(server)
+        got = sink(member)
+        conn = peer.conn
+        assert conn is not None
+        sent = 0
+        block = os.urandom(16 * 1024)
+        while sent < 3 * SERVER_STREAM_WINDOW:
+            window = conn.local_flow_control_window(sid)
+            self.assertGreater(window, 0, "the server stopped giving credit")
+            n = min(window, len(block))
+            conn.send_data(sid, block[:n])
+            sent += n
+            peer.flush()
+            self.net.flush()
+        self.assertEqual(len(b"".join(got)), sent)
+        updates = [e.delta for e in peer.of(h2.events.WindowUpdated) if e.stream_id == sid]
+        self.assertTrue(updates)
+        self.assertTrue(all(d >= SERVER_STREAM_WINDOW // 4 for d in updates), updates)
+        self.assertGreaterEqual(sum(updates), sent - SERVER_STREAM_WINDOW // 4 - 1)
+
+    def test_peer_sending_far_past_its_window_is_cut_off(self) -> None:
+        server = self.make_server()
+        peer, sid, member = self.member_of_raw_client(server)
+        sink(member)
+        member.transport.pauseProducing()  # type: ignore[union-attr]
+        frame = (16384).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + os.urandom(16384)
+        assert peer.transport is not None
+        for _ in range(2 * SERVER_STREAM_WINDOW // 16384 + 2):
+            peer.transport.write(frame)  # raw frames: h2 on this side would refuse to send them
+        self.net.flush()
+        self.assertTrue(peer.lost)
+        goaways = peer.of(h2.events.ConnectionTerminated)
+        self.assertEqual([e.error_code for e in goaways], [ErrorCodes.FLOW_CONTROL_ERROR])
+        self.assertEqual(server.refused["connection"], 1)
+        self.assertTrue(member.lost)

@@ -25,6 +25,16 @@ socket when it is full), which pauses the relay's reader above the high
 water mark.  The connection windows are raised to 1 GiB so that one stalled
 member never blocks the others.
 
+Data path: DATA frames of members bypass h2 both ways.  Received ones
+(no flags, stream open both ways, no header block in progress) are parsed
+here and their payload goes to the member as it arrives; their credit goes
+back in WINDOW_UPDATE frames built here, once a quarter of the stream
+window is due (16 MiB for the connection), and a peer that sends more than
+twice the window it was given is closed with FLOW_CONTROL_ERROR.  Sent ones
+are framed here and charged to h2's outbound windows exactly as
+``send_data`` charges them, so WINDOW_UPDATE and SETTINGS handling stay h2's.
+Every other frame goes through h2, in order.
+
 Closing: the server ends a member with END_STREAM after its queued bytes
 (Go's server sends nothing at all; a Go client sees end of file and resets
 the stream in turn) and resets a stream whose client keeps sending after
@@ -75,7 +85,6 @@ from h2.settings import SettingCodes
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -85,6 +94,7 @@ from nodepass.pool.base import ID_READ_TIMEOUT, ClientPoolBase, PoolConnection, 
 from nodepass.pool.stream import StreamTransport
 from nodepass.pool.tcp import DialFactory
 from nodepass.relay import set_keepalive, set_nodelay
+from nodepass.relay.tls import TLSFactory
 
 __all__ = [
     "ALPN",
@@ -107,6 +117,21 @@ MISSED_PINGS = 3
 HANDSHAKE_TIMEOUT = ID_READ_TIMEOUT
 #: The client connection preface (``PRI * HTTP/2.0...``) that precedes the server's first frame.
 _PREFACE_LEN = 24
+#: Credit returned for bytes read on the fast path goes out once a stream has
+#: this share of its receive window to give back (h2 itself waits for half).
+_STREAM_UPDATE_SHARE = 4
+#: ... and once the connection has this many bytes to give back.
+_CONNECTION_UPDATE_AT = 16 << 20
+_DATA = 0x0
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_CONTINUATION = 0x9
+_END_HEADERS = 0x4
+_WINDOW_UPDATE_HEAD = b"\x00\x00\x04\x08\x00"
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _WINDOW_UPDATE_HEAD + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
 #: RST_STREAM codes that end a member like an end of stream (after the bytes received).
 _ORDERLY_RESETS = (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL)
 
@@ -190,6 +215,14 @@ class _Stream(StreamTransport):
         self.h2_closed = False
         #: Server: the handshake byte has not arrived yet.  Client: no response yet.
         self.opening = True
+        #: Bytes read on the fast path (never seen by h2) that the member has not taken yet,
+        #: and bytes taken whose window credit has not gone back to the peer.
+        self.rx_fast = 0
+        self.rx_credit = 0
+        #: Bytes h2 delivered to the member that it has not taken yet (credit through h2).
+        self.rx_slow = 0
+        #: Deliver every DATA frame whole (see :attr:`bufferSize`).
+        self.whole_frames = False
 
     # -- StreamTransport ----------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -198,6 +231,16 @@ class _Stream(StreamTransport):
         self.out.append(data)
         self.queued += len(data)
         self.owner._pump(self)
+
+    @property
+    def bufferSize(self) -> int:
+        """Bytes per delivery at most: a DATA frame."""
+        return CLIENT_MAX_FRAME
+
+    @bufferSize.setter
+    def bufferSize(self, size: int) -> None:
+        # Someone reads messages (UDP datagrams, one per DATA frame): deliver whole frames.
+        self.whole_frames = True
 
     def _send_eof(self) -> None:
         if self.h2_closed or self.local_ended or self.end_pending:
@@ -262,6 +305,18 @@ class _H2Connection(Protocol):
         #: Why the connection was refused or failed before carrying members ("" if not).
         self.refused = ""
         self._handshake_timer: Any = None
+        #: Frames written outside h2 (DATA, WINDOW_UPDATE), with h2's own output before them, in order.
+        self._out: list[bytes] = []
+        #: Connection-level credit for fast-path bytes taken, not yet returned.
+        self._conn_credit = 0
+        #: A header block is still open (CONTINUATION frames must follow): no fast path.
+        self._in_headers = False
+        #: The stream whose DATA payload is arriving, and how many of its bytes are still to come.
+        self._fast_stream: _Stream | None = None
+        self._fast_left = 0
+        #: Per-stream receive window (this side's INITIAL_WINDOW_SIZE) and its update threshold.
+        self._stream_window = 0
+        self._stream_update_at = 0
         self._dispatch: dict[type, Callable[[Any], None]] = {
             h2.events.DataReceived: self._on_data,
             h2.events.WindowUpdated: self._on_window,
@@ -320,6 +375,8 @@ class _H2Connection(Protocol):
             client=self.client_side, initial_values=self._local_settings()  # type: ignore[arg-type]
         )
         conn.max_inbound_frame_size = conn.local_settings.max_frame_size
+        self._stream_window = conn.local_settings.initial_window_size
+        self._stream_update_at = max(self._stream_window // _STREAM_UPDATE_SHARE, 1)
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW)
         self.h2 = conn
@@ -339,68 +396,163 @@ class _H2Connection(Protocol):
         """Count/log a refusal (server side)."""
 
     def dataReceived(self, data: bytes) -> None:
-        """Bytes from TLS (one record at a time): handed to h2 whole frames at a time.
+        """Bytes from TLS, handled a frame at a time; DATA frames of members on a fast path.
 
-        h2 re-parses its buffer and copies it on every call; a large DATA
-        frame arrives in several TLS records, so the records are kept here
-        until the frame they belong to is complete."""
+        h2 copies its input several times over (buffer, frame, payload) and
+        builds objects for every frame, so a DATA frame without flags on a
+        stream that is a member in both directions goes straight to the
+        member, flow control kept here (:meth:`_ack`), and its payload is
+        passed on as it arrives (whole frames only to a member whose reader
+        set ``bufferSize``: UDP, a datagram per frame).  Every other frame,
+        and any frame while a header block is open, goes to h2, in order,
+        once it is complete."""
         if self.h2 is None or self.lost or self.going_away:
             return  # after a GOAWAY h2 takes no more frames
         self.heard = True
-        self._rx.append(data)
-        self._rx_len += len(data)
-        if self._rx_len < self._rx_need:
-            return
-        buf = b"".join(self._rx) if len(self._rx) > 1 else self._rx[0]
-        # Feed every complete frame; keep the partial one that follows.
-        end = self._rx_skip
-        size = len(buf)
-        while end + 9 <= size:
-            frame_end = end + 9 + int.from_bytes(buf[end : end + 3], "big")
-            if frame_end > size:
-                break
-            end = frame_end
-        rest = buf[end:]
+        self._batch = True
+        try:
+            oversized = self._receive(data)
+        finally:
+            self._batch = False
+        self._flush()
+        if oversized:
+            self._oversized_frame(oversized)
+
+    def _fast_ok(self, s: _Stream | None) -> bool:
+        return (s is not None and not s.opening and not s.h2_closed and not s.remote_ended
+                and not s.disconnected)
+
+    def _receive(self, data: bytes) -> int:
+        """Handle ``data``; the announced length of a frame too large to take (0 if none)."""
+        pos = 0
+        if self._fast_left:
+            n = min(self._fast_left, len(data))
+            self._fast_left -= n
+            s = self._fast_stream
+            if not self._fast_left:
+                self._fast_stream = None
+            piece = data if n == len(data) else data[:n]
+            if s is not None and self._fast_ok(s) and self.streams.get(s.stream_id) is s:
+                s.rx_fast += n
+                s.data_received(piece)
+                if self.lost:
+                    return 0
+            else:
+                # The member is gone: its bytes still count against the connection window.
+                self._conn_credit += n
+            if n == len(data):
+                return 0
+            pos = n
+        if self._rx:
+            # A partial frame waits: complete it (rare: DATA frames of members are taken as they come).
+            self._rx.append(data[pos:] if pos else data)
+            self._rx_len += len(data) - pos
+            if self._rx_len < self._rx_need:
+                return 0
+            data = b"".join(self._rx)
+            pos = 0
+            self._rx = []
+            self._rx_len = 0
+        elif len(data) - pos < self._rx_need:
+            self._rx.append(data[pos:] if pos else data)
+            self._rx_len = len(data) - pos
+            return 0
+        rest = self._frames(data, pos)
+        if rest is None:
+            return 0
         self._rx = [rest] if rest else []
         self._rx_len = len(rest)
         self._rx_need = 9 if len(rest) < 9 else 9 + int.from_bytes(rest[0:3], "big")
-        if self._rx_need - 9 > self.h2.max_inbound_frame_size:
-            self._oversized_frame(self._rx_need - 9)
-            return
-        if end:
-            self._rx_skip = 0
-            self._feed(buf[:end] if rest else buf)
+        assert self.h2 is not None
+        return self._rx_need - 9 if self._rx_need - 9 > self.h2.max_inbound_frame_size else 0
+
+    def _frames(self, buf: bytes, pos: int) -> bytes | None:
+        """Handle the frames of ``buf`` from ``pos``; the partial frame left for later (None: stop reading)."""
+        conn = self.h2
+        assert conn is not None
+        streams = self.streams
+        limit = conn.max_inbound_frame_size
+        size = len(buf)
+        start = pos  # first byte not handled yet (h2 gets start..pos in one call)
+        pos += self._rx_skip
+        self._rx_skip = 0
+        while pos + 9 <= size:
+            length = int.from_bytes(buf[pos : pos + 3], "big")
+            end = pos + 9 + length
+            kind = buf[pos + 3]
+            if kind == _DATA and buf[pos + 4] == 0 and not self._in_headers and 0 < length <= limit:
+                s = streams.get(int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF)
+                if self._fast_ok(s) and (end <= size or not s.whole_frames):  # type: ignore[union-attr]
+                    assert s is not None
+                    if start < pos:
+                        # Frames before this one first: they may change the stream.
+                        if not self._feed(buf[start:pos]):
+                            return None
+                        start = pos
+                        continue
+                    if s.rx_fast + length > 2 * self._stream_window:
+                        self._flow_control_error(s.stream_id)
+                        return None
+                    if end > size:
+                        # Pass on what came of the payload; the rest follows as it arrives.
+                        self._fast_stream = s
+                        self._fast_left = end - size
+                        end = size
+                    if end > pos + 9:
+                        s.rx_fast += end - pos - 9
+                        s.data_received(buf[pos + 9 : end])
+                        if self.lost:
+                            return None
+                    start = pos = end
+                    continue
+            if end > size:
+                break
+            if kind in (_HEADERS, _PUSH_PROMISE):
+                self._in_headers = not buf[pos + 4] & _END_HEADERS
+            elif kind == _CONTINUATION and buf[pos + 4] & _END_HEADERS:
+                self._in_headers = False
+            pos = end
+        if start < pos and not self._feed(buf[start:pos]):
+            return None
+        return buf[pos:] if pos < size else b""
 
     def _oversized_frame(self, length: int) -> None:
+        self._connection_error(ErrorCodes.FRAME_SIZE_ERROR,
+                               h2.exceptions.FrameTooLargeError(f"frame of {length} bytes announced"))
+
+    def _flow_control_error(self, stream_id: int) -> None:
+        self._connection_error(ErrorCodes.FLOW_CONTROL_ERROR,
+                               h2.exceptions.FlowControlError(f"stream {stream_id} sent beyond its window"))
+
+    def _connection_error(self, code: ErrorCodes, exc: Exception) -> None:
+        """A fault found here rather than by h2: GOAWAY ``code``, then as h2's own protocol errors."""
         conn = self.h2
         assert conn is not None
+        self._batch = False
         try:
-            conn.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
+            conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
             pass
-        self._protocol_error(h2.exceptions.FrameTooLargeError(f"frame of {length} bytes announced"))
+        self._protocol_error(exc)
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> bool:
+        """Give h2 whole frames and handle its events; False once the connection is done for."""
         conn = self.h2
         assert conn is not None
-        self._batch = True
         try:
             events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._batch = False
             self._protocol_error(exc)
-            return
+            return False
         dispatch = self._dispatch
-        try:
-            for event in events:
-                handler = dispatch.get(type(event))
-                if handler is not None:
-                    handler(event)
-                if self.lost:
-                    return
-        finally:
-            self._batch = False
-        self._flush()
+        for event in events:
+            handler = dispatch.get(type(event))
+            if handler is not None:
+                handler(event)
+            if self.lost:
+                return False
+        return not self.going_away
 
     def _protocol_error(self, exc: Exception) -> None:
         self.logger.debug("Tunnel pool: HTTP/2 connection %s: protocol error: %s", self.peer, exc)
@@ -438,8 +590,22 @@ class _H2Connection(Protocol):
         if self._batch or self.h2 is None or self.transport is None:
             return
         out = self.h2.data_to_send()
+        if self._out:
+            if out:
+                self._out.append(out)
+            out = b"".join(self._out)
+            self._out = []
         if out:
             self.transport.write(out)
+
+    def _emit(self, *frames: bytes) -> None:
+        """Queue frames built here, after whatever h2 has queued (written by :meth:`_flush`)."""
+        conn = self.h2
+        assert conn is not None
+        pending = conn.data_to_send()
+        if pending:
+            self._out.append(pending)
+        self._out.extend(frames)
 
     def pauseProducing(self) -> None:
         """The socket is full: hold members' bytes in their queues."""
@@ -472,6 +638,10 @@ class _H2Connection(Protocol):
         sid = s.stream_id
         sent = False
         try:
+            st = conn.streams.get(sid)
+            if (st is not None and not st.closed and not self.going_away
+                    and conn.state_machine.state is not h2.connection.ConnectionState.CLOSED):
+                sent = self._send_direct(conn, st, s)
             while s.out and not self._write_paused:
                 window = conn.local_flow_control_window(sid)
                 if window <= 0:
@@ -508,6 +678,33 @@ class _H2Connection(Protocol):
             self._flush()
             s.drained()
 
+    def _send_direct(self, conn: h2.connection.H2Connection, st: Any, s: _Stream) -> bool:
+        """DATA frames built here for an open stream, h2's windows charged as
+        ``send_data`` charges them; True if anything went out."""
+        sid = s.stream_id
+        tail = sid.to_bytes(4, "big")
+        most = conn.max_outbound_frame_size
+        out = s.out
+        sent = False
+        while out and not self._write_paused:
+            window = min(conn.outbound_flow_control_window, st.outbound_flow_control_window)
+            if window <= 0:
+                break
+            head = out[0]
+            n = len(head)
+            if n <= window and n <= most:
+                out.popleft()
+            else:
+                n = min(n, window, most)
+                out[0] = head[n:]
+                head = head[:n]
+            self._emit(n.to_bytes(3, "big") + b"\x00\x00" + tail, head)
+            conn.outbound_flow_control_window -= n
+            st.outbound_flow_control_window -= n
+            s.queued -= n
+            sent = True
+        return sent
+
     def _drop_output(self, s: _Stream) -> None:
         s.out.clear()
         s.queued = 0
@@ -516,14 +713,49 @@ class _H2Connection(Protocol):
         self._forget_if_done(s)
 
     def _ack(self, stream_id: int, nbytes: int) -> None:
+        """The member took ``nbytes``: give the peer its window back.
+
+        Bytes h2 delivered are handed back through h2 (which waits for half
+        a window); bytes of the fast path through WINDOW_UPDATE frames built
+        here, once a quarter of the stream window (or 16 MiB for the
+        connection) is due.  A member takes its bytes in arrival order, and
+        h2 delivers a member's bytes before the fast path starts (the
+        handshake byte's frame, the ID), so h2's count is served first."""
         conn = self.h2
         if conn is None or self.lost or nbytes <= 0:
             return
+        s = self.streams.get(stream_id)
+        if s is not None and s.rx_fast:
+            slow = min(s.rx_slow, nbytes)
+            fast = min(nbytes - slow, s.rx_fast)
+            s.rx_slow -= slow
+            s.rx_fast -= fast
+            nbytes -= fast
+            if fast:
+                self._credit(s, fast)
+            if nbytes <= 0:
+                return
+        elif s is not None and s.rx_slow:
+            s.rx_slow -= min(s.rx_slow, nbytes)
         try:
             conn.acknowledge_received_data(nbytes, stream_id)
         except h2.exceptions.ProtocolError:
             return
         self._flush()
+
+    def _credit(self, s: _Stream, nbytes: int) -> None:
+        s.rx_credit += nbytes
+        self._conn_credit += nbytes
+        frames = []
+        if s.rx_credit >= self._stream_update_at and not s.remote_ended and not s.h2_closed:
+            frames.append(_window_update(s.stream_id, s.rx_credit))
+            s.rx_credit = 0
+        if self._conn_credit >= _CONNECTION_UPDATE_AT:
+            frames.append(_window_update(0, self._conn_credit))
+            self._conn_credit = 0
+        if frames:
+            self._emit(*frames)
+            self._flush()
 
     def _reset(self, s: _Stream, code: ErrorCodes) -> None:
         """Reset ``s`` now (queued bytes are dropped)."""
@@ -549,6 +781,9 @@ class _H2Connection(Protocol):
 
     def _forget_if_done(self, s: _Stream) -> None:
         if s.h2_closed and s.disconnected and not s.out and self.streams.get(s.stream_id) is s:
+            # What the member never took still counts against the connection window.
+            self._conn_credit += s.rx_fast
+            s.rx_fast = 0
             del self.streams[s.stream_id]
             self._blocked.pop(s.stream_id, None)
             self._streams_changed()
@@ -576,6 +811,7 @@ class _H2Connection(Protocol):
         if s.opening:
             data = self._opening_data(s, data)
         if data:
+            s.rx_slow += len(data)
             s.data_received(data)
 
     def _opening_data(self, s: _Stream, data: bytes) -> bytes:
@@ -885,11 +1121,10 @@ class H2ServerPool(ServerPoolBase):
         #: A connection without streams is closed after this many seconds (Go: twice the report interval).
         self.idle_timeout = max(2 * self.keepalive, 1.0)
         self._connections: set[_H2ServerConnection] = set()
-        self._factory: TLSMemoryBIOFactory | None = None
+        self._factory: TLSFactory | None = None
         if self.tls is not None:
-            self._factory = TLSMemoryBIOFactory(
-                self.tls.with_alpn(ALPN), False, _ServerFactory(self), clock=reactor
-            )
+            tls = self.tls
+            self._factory = TLSFactory(lambda: tls.ssl_context((ALPN,)), True, _ServerFactory(self))
 
     @property
     def refused(self) -> Counter[str]:
@@ -899,7 +1134,7 @@ class H2ServerPool(ServerPoolBase):
         if self._factory is None:
             raise ValueError("HTTP/2 pool needs TLS")
 
-    def factory(self) -> TLSMemoryBIOFactory | None:
+    def factory(self) -> TLSFactory | None:
         return None if self.closed else self._factory
 
     def connection_count(self) -> int:
@@ -969,7 +1204,11 @@ class _H2ClientConnection(_H2Connection):
             sid = conn.get_next_available_stream_id()
             conn.send_headers(sid, request_headers(self.pool.authority))
         except h2.exceptions.ProtocolError as exc:
-            self.exhausted = True
+            if conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self.exhausted = True
+            # else: a GOAWAY came in the same read as the stream ends that
+            # asked for this member; the connection closes once that event
+            # is handled, and the next refill dials anew.
             failed(f"HTTP/2 connection to {self.peer}: stream not opened: {exc}")
             self._streams_changed()
             return
@@ -1116,7 +1355,7 @@ class H2ClientPool(ClientPoolBase):
         connect: Callable[[Any], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        from nodepass.tls import client_connection_creator
+        from nodepass.tls import client_ssl_context
 
         super().__init__(reactor, logger, **kwargs)
         self.host = host
@@ -1127,7 +1366,9 @@ class H2ClientPool(ClientPoolBase):
         self.authority = server_name or host or "none"
         # HTTP/2 always runs over TLS: code 0 means the unverified code 1.
         self.tls_code = tls_code if tls_code == 2 else 1
-        self.tls_creator = client_connection_creator(self.tls_code, server_name, alpn=(ALPN,))
+        self.ssl_context = client_ssl_context(self.tls_code, server_name, alpn=(ALPN,))
+        #: The name sent as SNI and verified (tls 2 only; tls 1 sends none).
+        self.server_hostname = server_name if self.tls_code == 2 else None
         self._connect = connect
         self._current: _H2ClientConnection | None = None
         self._connections: set[_H2ClientConnection] = set()
@@ -1171,7 +1412,7 @@ class H2ClientPool(ClientPoolBase):
             self._connection_gone(proto)
 
         dial = DialFactory(proto, dial_failed, done)
-        factory = TLSMemoryBIOFactory(self.tls_creator, True, dial, clock=self.reactor)
+        factory = TLSFactory(self.ssl_context, False, dial, self.server_hostname)
         if self._connect is not None:
             self._connect(factory)
         else:

@@ -27,8 +27,9 @@ transport offers ``getPeerCertificate()`` (the peer's certificate in DER form,
 for the fingerprint check), ``negotiatedProtocol`` and the TCP transport's
 addresses.
 
-It is used for type-0 pool connections (:mod:`nodepass.pool.tcp`); contexts
-come from :mod:`nodepass.tls`.
+It carries the pool connections of type 0 (:mod:`nodepass.pool.tcp`), the
+WebSocket pool over TLS (:mod:`nodepass.pool.ws`) and the HTTP/2 pool
+(:mod:`nodepass.pool.h2`, ALPN ``h2``); contexts come from :mod:`nodepass.tls`.
 """
 
 from __future__ import annotations
@@ -287,8 +288,9 @@ class TLSProtocol(Protocol):
         self._per_record = True
 
     def getHandle(self) -> Any:
-        t: Any = self.transport
-        return t.getHandle() if t is not None else None
+        """The TCP transport's socket (None when it has none, e.g. an in-memory transport)."""
+        get = getattr(self.transport, "getHandle", None)
+        return get() if get is not None else None
 
     # -- IConsumer / IPushProducer: the TCP transport's own ---------------------------------
     def registerProducer(self, producer: Any, streaming: bool) -> None:
