@@ -482,7 +482,13 @@ class _H2Connection(Protocol):
             kind = buf[pos + 3]
             if kind == _DATA and buf[pos + 4] == 0 and not self._in_headers and 0 < length <= limit:
                 s = streams.get(int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF)
-                if self._fast_ok(s) and (end <= size or not s.whole_frames):  # type: ignore[union-attr]
+                # A frame is passed on in pieces only to a member that reads a
+                # byte stream: not to one reading datagrams, nor to one that
+                # still keeps its reads for its user (each read stays apart).
+                if self._fast_ok(s) and (
+                    end <= size
+                    or not (s.whole_frames or getattr(s.protocol, "awaiting_sink", False))  # type: ignore[union-attr]
+                ):
                     assert s is not None
                     if start < pos:
                         # Frames before this one first: they may change the stream.
