@@ -820,13 +820,24 @@ class ClientTLSVerify(Base):
         uport = free_port()
         peer = gopeer.GoServer(KEY, "+", tls=(crt, key), tls_code="2")
         self.addCleanup(peer.close)
-        self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4&sni=localhost",
-                     settings=SLOW_REPORTS)
+        svc = self.service(f"client://{KEY}@127.0.0.1:{peer.port}/127.0.0.1:{uport}?mode=2&min=4&sni=localhost",
+                           settings=SLOW_REPORTS)
         result: dict[str, Any] = {}
+
+        def prepare() -> None:
+            peer.wait_for(count=4)  # the control connection and three members
+            # Our client must have read those members' IDs too: with a single idle
+            # member its newest is the peer's oldest (a loaded machine is slow).
+            deadline = time.monotonic() + gopeer.TIMEOUT
+            while time.monotonic() < deadline:
+                pool = svc.session.pool if svc.session is not None else None
+                if pool is not None and pool.active >= 3:
+                    break
+                time.sleep(0.02)
 
         def script() -> None:
             result["in"], result["early"], result["sig"], result["verify_id"] = early_user_around_verify(
-                peer.start_control, peer, uport, fp=lambda cid: "", prepare=lambda: peer.wait_for(count=4))
+                peer.start_control, peer, uport, fp=lambda cid: "", prepare=prepare)
 
         yield self.run_peer(script)
         self.assertEqual(len(result["early"]), 1)  # not held back
