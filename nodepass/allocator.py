@@ -8,7 +8,7 @@ above its mmap threshold (128 KiB at start, raised on the fly) with a fresh
 the top of its heap to the system as soon as more than its trim threshold
 (twice the mmap threshold) is free.  For such buffers both mean new pages
 from the kernel, zeroed and faulted in, for every chunk relayed: measured
-with a TLS pool (``tls=1``), that was about 40 % of the CPU time per byte.
+with a TLS pool (``tls=1``), that was 30-40 % of the CPU time per byte.
 
 :func:`tune_allocator` fixes the mmap threshold at :data:`MMAP_THRESHOLD`
 (blocks up to 1 MiB come from the heap and are reused) and the trim
